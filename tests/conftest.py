@@ -1,0 +1,16 @@
+"""Test configuration: float64 inside every test, strict promotion, no implicit rank promotion.
+
+Doctests in ``jaxlstm/`` run in JAX's default (float32) mode, as a user's session would.
+"""
+
+import jax
+import pytest
+
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    with jax.enable_x64(True):
+        yield

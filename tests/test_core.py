@@ -1,0 +1,172 @@
+"""The functional core against the independent NumPy reference (float64)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxlstm
+from reference import gate_values, random_gates, run_batch, run_sequence
+
+RTOL = 1e-12
+ATOL = 1e-12
+
+SHAPES = [  # (B, T, I, H)
+    (1, 1, 3, 4),
+    (1, 6, 2, 2),
+    (2, 5, 3, 4),
+    (3, 7, 6, 2),
+]
+
+
+def make(seed, B, T, I, H, seed_cell=True):
+    rng = np.random.default_rng(seed)
+    g = random_gates(rng, I, H, seed_cell=seed_cell)
+    xs = rng.normal(size=(B, T, I))
+    c0 = rng.normal(size=(B, H)) * 0.5
+    a0 = np.tanh(rng.normal(size=(B, H)))
+    return rng, g, xs, c0, a0
+
+
+@pytest.mark.parametrize("seed_cell", [True, False], ids=["seed", "classic"])
+def test_gate_functions_match_formulas(seed_cell):
+    # Given per-gate weights and a batch of (a, x, c)
+    rng, g, xs, c0, a0 = make(0, 3, 1, 5, 4, seed_cell)
+    p = jaxlstm.params_from_gates(**g)
+    x = xs[:, 0]
+    # When each gate is evaluated by the library
+    f1 = jaxlstm.forget_gate(p, a0, x)
+    gi = jaxlstm.input_gate(p, a0, x)
+    c_new = f1 * c0 + gi
+    go = jaxlstm.output_gate(p, c_new, a0, x)
+    # Then each equals its formula, for every batch element
+    for b in range(3):
+        ref_f1, ref_i, ref_c, ref_o = gate_values(g, a0[b], x[b], c0[b])
+        np.testing.assert_allclose(f1[b], ref_f1, rtol=RTOL, atol=ATOL)
+        np.testing.assert_allclose(gi[b], ref_i, rtol=RTOL, atol=ATOL)
+        np.testing.assert_allclose(c_new[b], ref_c, rtol=RTOL, atol=ATOL)
+        np.testing.assert_allclose(go[b], ref_o, rtol=RTOL, atol=ATOL)
+
+
+def test_gate_functions_any_leading_batch_dims():
+    rng, g, _, _, _ = make(1, 1, 1, 3, 2)
+    p = jaxlstm.params_from_gates(**g)
+    a = rng.normal(size=(2, 3, 2))
+    x = rng.normal(size=(2, 3, 3))
+    c = rng.normal(size=(2, 3, 2))
+    out = jaxlstm.output_gate(p, c, a, x)
+    assert out.shape == (2, 3, 2)
+    for i in range(2):
+        for j in range(3):
+            ax = np.concatenate([a[i, j], x[i, j]])
+            ref = np.tanh(g["W_o"] @ c[i, j] + g["b_o"]) / (1 + np.exp(-(g["W_f3"] @ ax + g["b_f3"])))
+            np.testing.assert_allclose(out[i, j], ref, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("seed_cell", [True, False], ids=["seed", "classic"])
+def test_step_is_composition_of_gates(seed_cell):
+    rng, g, xs, c0, a0 = make(2, 4, 1, 3, 5, seed_cell)
+    p = jaxlstm.params_from_gates(**g)
+    x = xs[:, 0]
+    state, y = jaxlstm.lstm_step(p, jaxlstm.LSTMState(c0, a0), x)
+    c_ref = jaxlstm.forget_gate(p, a0, x) * c0 + jaxlstm.input_gate(p, a0, x)
+    a_ref = jaxlstm.output_gate(p, c_ref, a0, x)
+    np.testing.assert_allclose(state.cell, c_ref, rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(state.hidden, a_ref, rtol=1e-13, atol=1e-13)
+    np.testing.assert_array_equal(y, state.hidden)
+
+
+@pytest.mark.parametrize("seed_cell", [True, False], ids=["seed", "classic"])
+@pytest.mark.parametrize("B,T,I,H", SHAPES)
+@pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "lengths"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+def test_lstm_matches_numpy_reference(seed_cell, B, T, I, H, with_lengths, reverse):
+    # Given random seed-notation weights, inputs, a non-zero initial state
+    rng, g, xs, c0, a0 = make(B * 100 + T, B, T, I, H, seed_cell)
+    lengths = rng.integers(0, T + 1, size=B) if with_lengths else None
+    if with_lengths:
+        lengths[0] = T  # always one full-length sequence
+    p = jaxlstm.params_from_gates(**g)
+    # When the library runs the sequence
+    hs, final = jaxlstm.lstm(
+        p, xs, jaxlstm.LSTMState(c0, a0), seq_lengths=None if lengths is None else jnp.asarray(lengths), reverse=reverse
+    )
+    # Then outputs and final state equal the reference loop
+    ref_h, ref_c, ref_a = run_batch(g, xs, c0, a0, lengths, reverse)
+    np.testing.assert_allclose(hs, ref_h, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(final.cell, ref_c, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(final.hidden, ref_a, rtol=RTOL, atol=ATOL)
+
+
+def test_lengths_zero_returns_initial_state_and_zero_outputs():
+    rng, g, xs, c0, a0 = make(3, 2, 4, 3, 2)
+    p = jaxlstm.params_from_gates(**g)
+    for reverse in (False, True):
+        hs, final = jaxlstm.lstm(p, xs, jaxlstm.LSTMState(c0, a0), seq_lengths=jnp.array([0, 0]), reverse=reverse)
+        np.testing.assert_array_equal(hs, np.zeros((2, 4, 2)))
+        np.testing.assert_array_equal(final.cell, c0)
+        np.testing.assert_array_equal(final.hidden, a0)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_time_major_and_unbatched_layouts(reverse):
+    rng, g, xs, c0, a0 = make(4, 3, 6, 2, 5)
+    p = jaxlstm.params_from_gates(**g)
+    lengths = jnp.array([6, 2, 4])
+    hs, final = jaxlstm.lstm(p, xs, jaxlstm.LSTMState(c0, a0), seq_lengths=lengths, reverse=reverse)
+    hs_tm, final_tm = jaxlstm.lstm(
+        p, np.swapaxes(xs, 0, 1), jaxlstm.LSTMState(c0, a0), seq_lengths=lengths, reverse=reverse, time_major=True
+    )
+    np.testing.assert_allclose(np.swapaxes(hs_tm, 0, 1), hs, rtol=1e-14, atol=1e-14)
+    np.testing.assert_allclose(final_tm.hidden, final.hidden, rtol=1e-14, atol=1e-14)
+    for b in range(3):
+        ref_o, ref_c, ref_a = run_sequence(g, xs[b], c0[b], a0[b], int(lengths[b]), reverse)
+        h1, f1 = jaxlstm.lstm(
+            p, xs[b], jaxlstm.LSTMState(c0[b], a0[b]), seq_lengths=jnp.asarray(lengths[b]), reverse=reverse
+        )
+        assert h1.shape == (6, 5)
+        np.testing.assert_allclose(h1, ref_o, rtol=RTOL, atol=ATOL)
+        np.testing.assert_allclose(f1.cell, ref_c, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("seed_cell", [True, False], ids=["seed", "classic"])
+def test_lstm_equals_python_loop_of_steps(seed_cell):
+    rng, g, xs, c0, a0 = make(5, 2, 9, 4, 3, seed_cell)
+    p = jaxlstm.params_from_gates(**g)
+    state = jaxlstm.LSTMState(jnp.asarray(c0), jnp.asarray(a0))
+    outs = []
+    for t in range(xs.shape[1]):
+        state, y = jaxlstm.lstm_step(p, state, xs[:, t])
+        outs.append(y)
+    hs, final = jaxlstm.lstm(p, xs, jaxlstm.LSTMState(c0, a0))
+    np.testing.assert_allclose(hs, np.stack(outs, axis=1), rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(final.cell, state.cell, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("unroll", [1, 3, True])
+def test_unroll_does_not_change_results(unroll):
+    rng, g, xs, c0, a0 = make(6, 2, 7, 3, 4)
+    p = jaxlstm.params_from_gates(**g)
+    ref_h, _, _ = run_batch(g, xs, c0, a0, [7, 3])
+    hs, _ = jaxlstm.lstm(p, xs, jaxlstm.LSTMState(c0, a0), seq_lengths=jnp.array([7, 3]), unroll=unroll)
+    np.testing.assert_allclose(hs, ref_h, rtol=RTOL, atol=ATOL)
+
+
+def test_float32_matches_reference_at_float32_tolerance():
+    rng, g, xs, c0, a0 = make(7, 4, 20, 8, 16)
+    g32 = {k: None if v is None else v.astype(np.float32) for k, v in g.items()}
+    p = jaxlstm.params_from_gates(**g32)
+    hs, _ = jaxlstm.lstm(p, xs.astype(np.float32), jaxlstm.LSTMState(c0.astype(np.float32), a0.astype(np.float32)))
+    assert hs.dtype == jnp.float32
+    ref_h, _, _ = run_batch(g, xs.astype(np.float32).astype(np.float64), c0, a0)
+    np.testing.assert_allclose(hs, ref_h, rtol=1e-4, atol=1e-5)
+
+
+def test_zero_state_default_equals_explicit_zeros():
+    rng, g, xs, _, _ = make(8, 2, 4, 3, 2)
+    p = jaxlstm.params_from_gates(**g)
+    hs, _ = jaxlstm.lstm(p, xs)
+    ref_h, _, _ = run_batch(g, xs, np.zeros((2, 2)), np.zeros((2, 2)))
+    np.testing.assert_allclose(hs, ref_h, rtol=RTOL, atol=ATOL)
+    z = jaxlstm.zero_state(p, (2,))
+    assert z.cell.dtype == jnp.float64 and z.cell.shape == (2, 2)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from . import _errors
-from ._cell import _step
+from ._fused import scan_time_major
 from ._params import LSTMParams, LSTMState, check_params, zero_state
 
 Array = jax.Array
@@ -20,6 +20,23 @@ def _check_unroll(unroll) -> None:
         return
     if not isinstance(unroll, int) or unroll < 1:
         raise ValueError(f"unroll must be a positive int or a bool; received {unroll!r}.")
+
+
+BACKWARDS = ("fused", "autodiff")
+
+
+def _check_backward(backward, checkpoint_every) -> None:
+    if backward not in BACKWARDS:
+        raise ValueError(
+            f"backward must be one of {BACKWARDS}; received {backward!r}. Use 'autodiff' for forward-mode "
+            "differentiation (jax.jvp, jax.hessian), 'fused' otherwise."
+        )
+    if checkpoint_every is not None and (
+        isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1
+    ):
+        raise ValueError(
+            f"checkpoint_every must be None or a positive int (steps per recomputed chunk); received {checkpoint_every!r}."
+        )
 
 
 def _sequence_shape(xs, time_major: bool) -> tuple[int, tuple]:
@@ -49,32 +66,14 @@ def prepare(params, xs, state, seq_lengths, time_major: bool, unroll, what: str 
     return xs, state, lengths
 
 
-def _scan_time_major(params: LSTMParams, xs: Array, state: LSTMState, lengths, reverse: bool, unroll):
-    """Scan over axis 0 of ``xs`` ``(T, *B, I)``; masked when ``lengths`` is given."""
-    if lengths is None:
-        final, hs = jax.lax.scan(lambda s, x: _step(params, s, x), state, xs, reverse=reverse, unroll=unroll)
-        return hs, final
-
-    # Steps t >= L keep the state and emit zeros. Scanning backwards with the same
-    # mask processes each valid prefix from its last valid step to its first.
-    def body(s, inputs):
-        x, t = inputs
-        new, h = _step(params, s, x)
-        valid = (t < lengths)[..., None]
-        new = LSTMState(jnp.where(valid, new.cell, s.cell), jnp.where(valid, new.hidden, s.hidden))
-        return new, jnp.where(valid, h, jnp.zeros_like(h))
-
-    steps = jnp.arange(xs.shape[0], dtype=jnp.int32)
-    final, hs = jax.lax.scan(body, state, (xs, steps), reverse=reverse, unroll=unroll)
-    return hs, final
-
-
-@functools.partial(jax.jit, static_argnames=("reverse", "time_major", "unroll"))
-def _lstm_jit(params, xs, state, lengths, *, reverse, time_major, unroll):
+@functools.partial(jax.jit, static_argnames=("reverse", "time_major", "unroll", "backward", "checkpoint_every"))
+def _lstm_jit(params, xs, state, lengths, *, reverse, time_major, unroll, backward, checkpoint_every):
     batched_batch_major = xs.ndim == 3 and not time_major
     if batched_batch_major:
         xs = jnp.swapaxes(xs, 0, 1)
-    hs, final = _scan_time_major(params, xs, state, lengths, reverse, unroll)
+    hs, final = scan_time_major(
+        params, xs, state, lengths, reverse=reverse, unroll=unroll, backward=backward, checkpoint_every=checkpoint_every
+    )
     if batched_batch_major:
         hs = jnp.swapaxes(hs, 0, 1)
     return hs, final
@@ -89,6 +88,8 @@ def lstm(
     reverse: bool = False,
     time_major: bool = False,
     unroll: int = 1,
+    backward: str = "fused",
+    checkpoint_every: Optional[int] = None,
 ) -> tuple[Array, LSTMState]:
     """Run one LSTM layer over a sequence (``jax.lax.scan``, jit-compiled).
 
@@ -107,6 +108,18 @@ def lstm(
         stays at the end). Outputs are always in the input's time order.
       time_major: layout of ``xs`` and the outputs.
       unroll: passed to ``jax.lax.scan``.
+      backward: ``"fused"`` (default): a hand-written backward pass through
+        time (``jax.custom_vjp``) that forms the weight gradients as one large
+        matmul after the reverse scan; fastest for training, supports
+        ``jax.grad``/``jax.vjp`` (also to second order in reverse mode).
+        ``"autodiff"``: plain autodiff through ``lax.scan``; use it for
+        forward mode (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``).
+      checkpoint_every: ``None`` (default) keeps every step's gates for the
+        backward pass (memory ``O(T)``). An int ``k`` keeps only the state at
+        the start of each chunk of ``k`` steps and recomputes a chunk's gates
+        during the backward pass: memory ``O(T/k + k)`` for about one extra
+        forward pass of compute. ``k ~ sqrt(T)`` is a good choice for very
+        long sequences. Results are identical.
 
     Returns:
       ``(hiddens, final_state)``: ``hiddens`` in the layout of ``xs`` with
@@ -127,4 +140,15 @@ def lstm(
       True
     """
     xs, state, lengths = prepare(params, xs, state, seq_lengths, time_major, unroll)
-    return _lstm_jit(params, xs, state, lengths, reverse=bool(reverse), time_major=bool(time_major), unroll=unroll)
+    _check_backward(backward, checkpoint_every)
+    return _lstm_jit(
+        params,
+        xs,
+        state,
+        lengths,
+        reverse=bool(reverse),
+        time_major=bool(time_major),
+        unroll=unroll,
+        backward=backward,
+        checkpoint_every=checkpoint_every,
+    )

@@ -61,6 +61,8 @@ def bidirectional(
     merge: Union[str, Callable[[Array, Array], Array]] = "concat",
     time_major: bool = False,
     unroll: int = 1,
+    backward: str = "fused",
+    checkpoint_every: Optional[int] = None,
 ) -> tuple[Array, BidirectionalState]:
     """A bidirectional LSTM layer: one pass forwards, one backwards, merged.
 
@@ -76,7 +78,7 @@ def bidirectional(
       merge: ``"concat"`` (default, ``[forward, backward]`` on the feature
         axis, ``2H`` features), ``"sum"``, ``"mean"``, ``"mul"`` (``H``
         features), or a function ``(forward, backward) -> merged``.
-      time_major, unroll: as in :func:`jaxlstm.lstm`.
+      time_major, unroll, backward, checkpoint_every: as in :func:`jaxlstm.lstm`.
 
     Returns:
       ``(outputs, BidirectionalState(forward_final, backward_final))``.
@@ -101,7 +103,9 @@ def bidirectional(
                 f"state of a bidirectional layer must be BidirectionalState(forward, backward); received {type(state).__name__}."
             )
         fwd_state, bwd_state = state
-    kw = dict(seq_lengths=seq_lengths, time_major=time_major, unroll=unroll)
+    kw = dict(
+        seq_lengths=seq_lengths, time_major=time_major, unroll=unroll, backward=backward, checkpoint_every=checkpoint_every
+    )
     ys_f, final_f = lstm(params.forward, xs, fwd_state, **kw)
     ys_b, final_b = lstm(params.backward, xs, bwd_state, reverse=True, **kw)
     return merge_fn(ys_f, ys_b), BidirectionalState(final_f, final_b)
@@ -176,6 +180,8 @@ def lstm_stack(
     merge: Union[str, Callable[[Array, Array], Array]] = "concat",
     time_major: bool = False,
     unroll: int = 1,
+    backward: str = "fused",
+    checkpoint_every: Optional[int] = None,
     dropout_rate: float = 0.0,
     dropout_key: Optional[Array] = None,
 ) -> tuple[Array, tuple[LayerState, ...]]:
@@ -191,7 +197,7 @@ def lstm_stack(
       reverse: run the unidirectional layers backwards.
       merge: how bidirectional layers merge their directions (see
         :func:`bidirectional`).
-      time_major, unroll: as in :func:`jaxlstm.lstm`.
+      time_major, unroll, backward, checkpoint_every: as in :func:`jaxlstm.lstm`.
       dropout_rate: dropout applied to each layer's output except the last's
         (inverted dropout, so nothing changes at evaluation).
       dropout_key: PRNG key; dropout is applied only when it is given and
@@ -227,7 +233,13 @@ def lstm_stack(
     finals = []
     ys = xs
     for n, (layer, state, key) in enumerate(zip(layers, states, keys)):
-        kw = dict(seq_lengths=seq_lengths, time_major=time_major, unroll=unroll)
+        kw = dict(
+            seq_lengths=seq_lengths,
+            time_major=time_major,
+            unroll=unroll,
+            backward=backward,
+            checkpoint_every=checkpoint_every,
+        )
         if isinstance(layer, BidirectionalParams):
             ys, final = bidirectional(layer, ys, state, merge=merge, **kw)
         elif isinstance(layer, LSTMParams):

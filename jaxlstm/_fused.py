@@ -1,0 +1,294 @@
+"""The fast path: a hand-written backward pass through time (``jax.custom_vjp``).
+
+Autodiff through ``lax.scan`` adds every step's outer products into the weight
+gradients inside the loop. Here the backward pass is a lean reverse scan that
+only propagates ``(dh, dc)`` and emits each step's gate gradient ``dG``
+``(B, 4H)``; the weight gradients are then one large matmul over all ``T*B``
+rows::
+
+    dW_h = H_prev^T @ dG      dW_x = X^T @ dG      db = sum(dG)
+    dW_o = C^T @ dZ           db_o = sum(dZ)       dX = dG @ W_x^T
+
+The forward pass saves the post-activation gates, the cell states and (seed
+cell) ``u = tanh(c @ w_o + b_o)``. With ``checkpoint_every=k`` it saves only
+the state at the start of every chunk of ``k`` steps and recomputes a chunk's
+residuals during the backward pass, so memory grows with ``T / k + k`` instead
+of ``T``; weight gradients are then accumulated chunk by chunk.
+
+All arrays here are time-major: ``xs`` ``(T, *B, I)``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from ._cell import _add_bias, _step
+from ._params import LSTMParams, LSTMState
+
+Array = jax.Array
+
+
+class _Residuals(NamedTuple):
+    gates: Array  # (T, *B, 4H) post-activation [f1 | g | f2 | f3]
+    cells: Array  # (T, *B, H) cell state after each step (held at masked steps)
+    u: Optional[Array]  # (T, *B, H) tanh(c @ w_o + b_o), seed cell only
+
+
+def _valid(steps_t, lengths):
+    return None if lengths is None else (steps_t < lengths)[..., None]
+
+
+def _forward_with_residuals(params: LSTMParams, xs, state: LSTMState, steps, lengths, reverse: bool, unroll):
+    """Forward scan that also emits what the backward pass needs."""
+    h = params.hidden_size
+
+    def body(s, inputs):
+        x, t = inputs
+        pre = _add_bias(s.hidden @ params.w_h + x @ params.w_x, params.b)
+        f1 = jax.nn.sigmoid(pre[..., :h])
+        g = jnp.tanh(pre[..., h : 2 * h])
+        f2 = jax.nn.sigmoid(pre[..., 2 * h : 3 * h])
+        f3 = jax.nn.sigmoid(pre[..., 3 * h :])
+        cell = f1 * s.cell + g * f2
+        u = jnp.tanh(cell) if params.w_o is None else jnp.tanh(_add_bias(cell @ params.w_o, params.b_o))
+        hidden = u * f3
+        valid = _valid(t, lengths)
+        if valid is not None:
+            cell = jnp.where(valid, cell, s.cell)
+            hidden = jnp.where(valid, hidden, s.hidden)
+            out = jnp.where(valid, hidden, jnp.zeros_like(hidden))
+        else:
+            out = hidden
+        gates = jnp.concatenate([f1, g, f2, f3], axis=-1)
+        res = (gates, cell, None if params.w_o is None else u)
+        return LSTMState(cell, hidden), (out, res)
+
+    final, (hs, (gates, cells, u)) = jax.lax.scan(body, state, (xs, steps), reverse=reverse, unroll=unroll)
+    return hs, final, _Residuals(gates, cells, u)
+
+
+def _previous(seq, first, steps, lengths, reverse: bool):
+    """The value each step saw as its previous state: ``seq`` shifted by one in scan order.
+
+    ``first`` is the state before the first processed step. With lengths and
+    ``reverse``, the step ``L - 1`` is the first processed one.
+    """
+    if not reverse:
+        return jnp.concatenate([first[None], seq[:-1]], axis=0)
+    shifted = jnp.concatenate([seq[1:], first[None]], axis=0)
+    if lengths is None:
+        return shifted
+    next_valid = steps.reshape((-1,) + (1,) * lengths.ndim) + 1 < lengths[None]
+    return jnp.where(next_valid[..., None], shifted, first[None])
+
+
+def _backward_scan(params: LSTMParams, res: _Residuals, c_prev, dhs, d_final: LSTMState, steps, lengths, reverse, unroll):
+    """Reverse of the forward scan: returns (dG, dZ, d_initial_state)."""
+    h = params.hidden_size
+    seed = params.w_o is not None
+
+    def body(carry, inputs):
+        dh_next, dc_next = carry
+        gates, cell, cp, u, dy, t = inputs
+        f1, g, f2, f3 = (gates[..., k * h : (k + 1) * h] for k in range(4))
+        if u is None:
+            u = jnp.tanh(cell)
+        dh = dh_next + dy
+        d_f3 = dh * u
+        dz = dh * f3 * (1 - u * u)
+        dc = dc_next + (dz @ params.w_o.T if seed else dz)
+        d_pre = jnp.concatenate(
+            [
+                dc * cp * f1 * (1 - f1),
+                dc * f2 * (1 - g * g),
+                dc * g * f2 * (1 - f2),
+                d_f3 * f3 * (1 - f3),
+            ],
+            axis=-1,
+        )
+        dh_prev = d_pre @ params.w_h.T
+        dc_prev = dc * f1
+        valid = _valid(t, lengths)
+        if valid is not None:
+            d_pre = jnp.where(valid, d_pre, jnp.zeros_like(d_pre))
+            dz = jnp.where(valid, dz, jnp.zeros_like(dz))
+            dh_prev = jnp.where(valid, dh_prev, dh_next)
+            dc_prev = jnp.where(valid, dc_prev, dc_next)
+        return (dh_prev, dc_prev), (d_pre, dz if seed else None)
+
+    u = res.u if seed else None
+    (dh0, dc0), (d_pre, dz) = jax.lax.scan(
+        body,
+        (d_final.hidden, d_final.cell),
+        (res.gates, res.cells, c_prev, u, dhs, steps),
+        reverse=not reverse,
+        unroll=unroll,
+    )
+    return d_pre, dz, LSTMState(dc0, dh0)
+
+
+def _rows(a):
+    return a.reshape(-1, a.shape[-1])
+
+
+def _param_grads(params: LSTMParams, xs, h_prev, cells, d_pre, dz) -> LSTMParams:
+    """Weight gradients as single large matmuls over all ``T * B`` rows."""
+    dg = _rows(d_pre)
+    dw_h = _rows(h_prev).T @ dg
+    dw_x = _rows(xs).T @ dg
+    db = dg.sum(0)
+    if params.w_o is None:
+        return LSTMParams(dw_h, dw_x, db, None, None)
+    dzr = _rows(dz)
+    return LSTMParams(dw_h, dw_x, db, _rows(cells).T @ dzr, dzr.sum(0))
+
+
+def _add_params(a: LSTMParams, b: LSTMParams) -> LSTMParams:
+    return jax.tree.map(jnp.add, a, b)
+
+
+def _plain_forward(params, xs, state, steps, lengths, reverse, unroll):
+    def body(s, inputs):
+        x, t = inputs
+        new, y = _step(params, s, x)
+        valid = _valid(t, lengths)
+        if valid is None:
+            return new, y
+        new = LSTMState(jnp.where(valid, new.cell, s.cell), jnp.where(valid, new.hidden, s.hidden))
+        return new, jnp.where(valid, y, jnp.zeros_like(y))
+
+    final, hs = jax.lax.scan(body, state, (xs, steps), reverse=reverse, unroll=unroll)
+    return hs, final
+
+
+# ---------------------------------------------------------------- full residuals
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _fused(params, xs, state, lengths, reverse, unroll):
+    steps = jnp.arange(xs.shape[0], dtype=jnp.int32)
+    return _plain_forward(params, xs, state, steps, lengths, reverse, unroll)
+
+
+def _fused_fwd(params, xs, state, lengths, reverse, unroll):
+    steps = jnp.arange(xs.shape[0], dtype=jnp.int32)
+    hs, final, res = _forward_with_residuals(params, xs, state, steps, lengths, reverse, unroll)
+    return (hs, final), (params, xs, state, lengths, hs, res)
+
+
+def _fused_bwd(reverse, unroll, saved, cotangents):
+    params, xs, state, lengths, hs, res = saved
+    dhs, d_final = cotangents
+    steps = jnp.arange(xs.shape[0], dtype=jnp.int32)
+    c_prev = _previous(res.cells, state.cell, steps, lengths, reverse)
+    h_prev = _previous(hs, state.hidden, steps, lengths, reverse)
+    d_pre, dz, d_state = _backward_scan(params, res, c_prev, dhs, d_final, steps, lengths, reverse, unroll)
+    grads = _param_grads(params, xs, h_prev, res.cells, d_pre, dz)
+    dxs = d_pre @ params.w_x.T
+    return grads, dxs, d_state, None
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+# ---------------------------------------------------------------- chunked recomputation
+
+
+def _chunk(a, n, k):
+    return a.reshape((n, k) + a.shape[1:])
+
+
+def _pad_time(xs, lengths, k):
+    """Pad ``T`` up to a multiple of ``k``; padded steps are masked out."""
+    T = xs.shape[0]
+    n = -(-T // k)
+    pad = n * k - T
+    if pad:
+        xs = jnp.concatenate([xs, jnp.zeros((pad,) + xs.shape[1:], xs.dtype)], axis=0)
+        if lengths is None:
+            lengths = jnp.full(xs.shape[1:-1], T, jnp.int32)
+    return xs, lengths, n, T
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _checkpointed(params, xs, state, lengths, reverse, unroll, k):
+    steps = jnp.arange(xs.shape[0], dtype=jnp.int32)
+    return _plain_forward(params, xs, state, steps, lengths, reverse, unroll)
+
+
+def _checkpointed_fwd(params, xs, state, lengths, reverse, unroll, k):
+    xs_p, lengths_p, n, T = _pad_time(xs, lengths, k)
+    steps = _chunk(jnp.arange(n * k, dtype=jnp.int32), n, k)
+
+    def chunk_body(s, inputs):
+        x, t = inputs
+        hs, new = _plain_forward(params, x, s, t, lengths_p, reverse, unroll)
+        return new, (hs, s)
+
+    final, (hs, starts) = jax.lax.scan(chunk_body, state, (_chunk(xs_p, n, k), steps), reverse=reverse)
+    hs = hs.reshape((n * k,) + hs.shape[2:])[:T]
+    return (hs, final), (params, xs, state, lengths, starts)
+
+
+def _checkpointed_bwd(reverse, unroll, k, saved, cotangents):
+    params, xs, state, lengths, starts = saved
+    dhs, d_final = cotangents
+    xs_p, lengths_p, n, T = _pad_time(xs, lengths, k)
+    pad = n * k - T
+    if pad:
+        dhs = jnp.concatenate([dhs, jnp.zeros((pad,) + dhs.shape[1:], dhs.dtype)], axis=0)
+    steps = _chunk(jnp.arange(n * k, dtype=jnp.int32), n, k)
+    zero_grads = jax.tree.map(jnp.zeros_like, params)
+
+    def chunk_body(carry, inputs):
+        d_state, grads = carry
+        x, dy, t, start = inputs
+        hs, _, res = _forward_with_residuals(params, x, start, t, lengths_p, reverse, unroll)
+        c_prev = _previous(res.cells, start.cell, t, lengths_p, reverse)
+        h_prev = _previous(hs, start.hidden, t, lengths_p, reverse)
+        d_pre, dz, d_start = _backward_scan(params, res, c_prev, dy, d_state, t, lengths_p, reverse, unroll)
+        grads = _add_params(grads, _param_grads(params, x, h_prev, res.cells, d_pre, dz))
+        return (d_start, grads), d_pre @ params.w_x.T
+
+    (d_state, grads), dxs = jax.lax.scan(
+        chunk_body,
+        (d_final, zero_grads),
+        (_chunk(xs_p, n, k), _chunk(dhs, n, k), steps, starts),
+        reverse=not reverse,
+    )
+    dxs = dxs.reshape((n * k,) + dxs.shape[2:])[:T]
+    return grads, dxs, d_state, None
+
+
+_checkpointed.defvjp(_checkpointed_fwd, _checkpointed_bwd)
+
+
+def scan_time_major(params, xs, state, lengths, *, reverse, unroll, backward, checkpoint_every):
+    """Dispatch to the autodiff scan, the fused backward, or the chunked fused backward."""
+    if backward == "autodiff":
+        steps = jnp.arange(xs.shape[0], dtype=jnp.int32)
+        if checkpoint_every is None:
+            return _plain_forward(params, xs, state, steps, lengths, reverse, unroll)
+        return _autodiff_checkpointed(params, xs, state, lengths, reverse, unroll, checkpoint_every)
+    if checkpoint_every is None:
+        return _fused(params, xs, state, lengths, reverse, unroll)
+    return _checkpointed(params, xs, state, lengths, reverse, unroll, checkpoint_every)
+
+
+def _autodiff_checkpointed(params, xs, state, lengths, reverse, unroll, k):
+    """Autodiff path with ``jax.checkpoint`` around each chunk of ``k`` steps."""
+    xs_p, lengths_p, n, T = _pad_time(xs, lengths, k)
+    steps = _chunk(jnp.arange(n * k, dtype=jnp.int32), n, k)
+
+    @jax.checkpoint
+    def chunk_body(s, inputs):
+        x, t = inputs
+        hs, new = _plain_forward(params, x, s, t, lengths_p, reverse, unroll)
+        return new, hs
+
+    final, hs = jax.lax.scan(chunk_body, state, (_chunk(xs_p, n, k), steps), reverse=reverse)
+    return hs.reshape((n * k,) + hs.shape[2:])[:T], final

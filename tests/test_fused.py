@@ -1,0 +1,120 @@
+"""The hand-written backward pass against autodiff through a plain scan."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxlstm
+from reference import random_gates
+
+
+def problem(seed, B, T, I, H, seed_cell, dtype):
+    rng = np.random.default_rng(seed)
+    g = {k: None if v is None else v.astype(dtype) for k, v in random_gates(rng, I, H, seed_cell=seed_cell).items()}
+    p = jaxlstm.params_from_gates(**g)
+    shape = (T, I) if B is None else (B, T, I)
+    bshape = () if B is None else (B,)
+    xs = jnp.asarray(rng.normal(size=shape), dtype)
+    s0 = jaxlstm.LSTMState(jnp.asarray(rng.normal(size=bshape + (H,)), dtype), jnp.asarray(rng.normal(size=bshape + (H,)) * 0.5, dtype))
+    w_out = jnp.asarray(rng.normal(size=shape[:-1] + (H,)), dtype)
+    w_c = jnp.asarray(rng.normal(size=bshape + (H,)), dtype)
+    return p, xs, s0, w_out, w_c, rng
+
+
+def grads_of(p, xs, s0, w_out, w_c, **kw):
+    def loss(p, xs, s0):
+        hs, final = jaxlstm.lstm(p, xs, s0, **kw)
+        return jnp.sum(hs * w_out) + jnp.sum(final.cell * w_c) + jnp.sum(final.hidden**2)
+
+    return jax.value_and_grad(loss, argnums=(0, 1, 2))(p, xs, s0)
+
+
+def assert_trees_close(a, b, rtol, atol=0.0):
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb):
+        # relative to the largest entry of each gradient array
+        scale = float(np.max(np.abs(np.asarray(y)))) or 1.0
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=rtol * scale + atol)
+
+
+CASES = [  # (B, T, I, H)
+    (3, 7, 4, 5),
+    (1, 1, 2, 3),
+    (None, 6, 3, 2),
+]
+
+
+@pytest.mark.parametrize("seed_cell", [True, False], ids=["seed", "classic"])
+@pytest.mark.parametrize("B,T,I,H", CASES)
+@pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "lengths"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("checkpoint_every", [None, 3], ids=["saved", "chunked"])
+def test_fused_matches_autodiff_float64(seed_cell, B, T, I, H, with_lengths, reverse, checkpoint_every):
+    p, xs, s0, w_out, w_c, rng = problem(T * 10 + H, B, T, I, H, seed_cell, np.float64)
+    lengths = None
+    if with_lengths:
+        lengths = jnp.asarray(rng.integers(0, T + 1, size=() if B is None else (B,)), jnp.int32)
+    kw = dict(seq_lengths=lengths, reverse=reverse)
+    v_ref, g_ref = grads_of(p, xs, s0, w_out, w_c, backward="autodiff", **kw)
+    v, g = grads_of(p, xs, s0, w_out, w_c, backward="fused", checkpoint_every=checkpoint_every, **kw)
+    np.testing.assert_allclose(v, v_ref, rtol=1e-12)
+    assert_trees_close(g, g_ref, rtol=1e-10)
+    assert jax.tree.structure(g[0]) == jax.tree.structure(p)
+
+
+@pytest.mark.parametrize("seed_cell", [True, False], ids=["seed", "classic"])
+@pytest.mark.parametrize("checkpoint_every", [None, 16], ids=["saved", "chunked"])
+def test_fused_matches_autodiff_float32(seed_cell, checkpoint_every):
+    p, xs, s0, w_out, w_c, rng = problem(1, 8, 50, 16, 32, seed_cell, np.float32)
+    lengths = jnp.asarray(rng.integers(20, 51, size=8), jnp.int32)
+    _, g_ref = grads_of(p, xs, s0, w_out, w_c, backward="autodiff", seq_lengths=lengths)
+    _, g = grads_of(p, xs, s0, w_out, w_c, seq_lengths=lengths, checkpoint_every=checkpoint_every)
+    assert_trees_close(g, g_ref, rtol=1e-5)
+
+
+def test_time_major_fused_matches_autodiff():
+    p, xs, s0, w_out, w_c, rng = problem(2, 3, 9, 2, 4, True, np.float64)
+    xs_tm, w_tm = jnp.swapaxes(xs, 0, 1), jnp.swapaxes(w_out, 0, 1)
+    kw = dict(seq_lengths=jnp.array([9, 4, 0]), time_major=True, reverse=True)
+    _, g_ref = grads_of(p, xs_tm, s0, w_tm, w_c, backward="autodiff", **kw)
+    _, g = grads_of(p, xs_tm, s0, w_tm, w_c, **kw)
+    assert_trees_close(g, g_ref, rtol=1e-10)
+
+
+def test_checkpoint_every_gives_identical_outputs():
+    p, xs, s0, *_ = problem(3, 2, 10, 3, 4, True, np.float64)
+    ref_h, ref_f = jaxlstm.lstm(p, xs, s0, seq_lengths=jnp.array([10, 7]))
+    for k in (1, 3, 4, 10, 32):
+        h, f = jaxlstm.lstm(p, xs, s0, seq_lengths=jnp.array([10, 7]), checkpoint_every=k)
+        np.testing.assert_allclose(h, ref_h, rtol=1e-14, atol=1e-15)
+        np.testing.assert_allclose(f.cell, ref_f.cell, rtol=1e-14, atol=1e-15)
+
+
+def test_forward_mode_needs_autodiff_option():
+    p, xs, s0, *_ = problem(4, 2, 4, 3, 2, True, np.float64)
+    f = lambda x: jnp.sum(jaxlstm.lstm(p, x, s0, backward="autodiff")[0])
+    primal, tangent = jax.jvp(f, (xs,), (jnp.ones_like(xs),))
+    g = jax.grad(lambda x: jnp.sum(jaxlstm.lstm(p, x, s0)[0]))(xs)
+    np.testing.assert_allclose(tangent, jnp.sum(g), rtol=1e-10)
+    hess = jax.hessian(lambda b: jnp.sum(jaxlstm.lstm(p._replace(b=b), xs, s0, backward="autodiff")[0]))(p.b)
+    assert hess.shape == (8, 8)
+
+
+def test_reverse_over_reverse_through_fused():
+    p, xs, s0, *_ = problem(5, 2, 4, 3, 2, False, np.float64)
+
+    def grad_norm(backward):
+        g = jax.grad(lambda p: jnp.sum(jaxlstm.lstm(p, xs, s0, backward=backward)[0] ** 2))
+        return jax.grad(lambda p: sum(jnp.sum(a**2) for a in jax.tree.leaves(g(p))))(p)
+
+    assert_trees_close(grad_norm("fused"), grad_norm("autodiff"), rtol=1e-9)
+
+
+def test_bad_backward_options():
+    p, xs, *_ = problem(6, 2, 4, 3, 2, True, np.float64)
+    with pytest.raises(ValueError, match="backward must be one of"):
+        jaxlstm.lstm(p, xs, backward="cudnn")
+    with pytest.raises(ValueError, match="checkpoint_every must be None or a positive int"):
+        jaxlstm.lstm(p, xs, checkpoint_every=0)

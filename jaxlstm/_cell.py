@@ -133,10 +133,11 @@ def _cell_output(params: LSTMParams, cell: Array) -> Array:
     return jnp.tanh(_add_bias(cell @ params.w_o, params.b_o))
 
 
-def _step(params: LSTMParams, state: LSTMState, x: Array) -> tuple[LSTMState, Array]:
-    """The unchecked fused step used inside scans."""
+def _step(params: LSTMParams, state: LSTMState, x: Array, recurrent_mask=None) -> tuple[LSTMState, Array]:
+    """The unchecked fused step used inside scans; ``recurrent_mask`` multiplies ``a^{t-1}`` in the gates."""
     h = params.hidden_size
-    pre = _add_bias(state.hidden @ params.w_h + x @ params.w_x, params.b)
+    hidden_in = state.hidden if recurrent_mask is None else state.hidden * recurrent_mask
+    pre = _add_bias(hidden_in @ params.w_h + x @ params.w_x, params.b)
     f1 = jax.nn.sigmoid(pre[..., :h])
     g = jnp.tanh(pre[..., h : 2 * h])
     f2 = jax.nn.sigmoid(pre[..., 2 * h : 3 * h])

@@ -98,3 +98,14 @@ def check_seq_lengths(seq_lengths, batch_shape: tuple, num_steps: int):
                 f"to {concrete.max()}. Lengths count valid time steps of xs; pad xs to the longest sequence."
             )
     return jnp.asarray(arr, jnp.int32)
+
+
+def check_mask(mask, expected_shape: tuple, dtype):
+    mask = jnp.asarray(mask)
+    if mask.shape != tuple(expected_shape):
+        raise ValueError(
+            f"recurrent_mask must have the state's shape {tuple(expected_shape)} (one mask per sequence, "
+            f"shared by all time steps); received {mask.shape}."
+        )
+    check_same_dtype(mask.dtype, dtype, "recurrent_mask")
+    return mask

@@ -42,13 +42,17 @@ def _valid(steps_t, lengths):
     return None if lengths is None else (steps_t < lengths)[..., None]
 
 
-def _forward_with_residuals(params: LSTMParams, xs, state: LSTMState, steps, lengths, reverse: bool, unroll):
+def _masked(hidden, mask):
+    return hidden if mask is None else hidden * mask
+
+
+def _forward_with_residuals(params: LSTMParams, xs, state: LSTMState, steps, lengths, mask, reverse: bool, unroll):
     """Forward scan that also emits what the backward pass needs."""
     h = params.hidden_size
 
     def body(s, inputs):
         x, t = inputs
-        pre = _add_bias(s.hidden @ params.w_h + x @ params.w_x, params.b)
+        pre = _add_bias(_masked(s.hidden, mask) @ params.w_h + x @ params.w_x, params.b)
         f1 = jax.nn.sigmoid(pre[..., :h])
         g = jnp.tanh(pre[..., h : 2 * h])
         f2 = jax.nn.sigmoid(pre[..., 2 * h : 3 * h])
@@ -86,7 +90,7 @@ def _previous(seq, first, steps, lengths, reverse: bool):
     return jnp.where(next_valid[..., None], shifted, first[None])
 
 
-def _backward_scan(params: LSTMParams, res: _Residuals, c_prev, dhs, d_final: LSTMState, steps, lengths, reverse, unroll):
+def _backward_scan(params: LSTMParams, res: _Residuals, c_prev, dhs, d_final: LSTMState, steps, lengths, mask, reverse, unroll):
     """Reverse of the forward scan: returns (dG, dZ, d_initial_state)."""
     h = params.hidden_size
     seed = params.w_o is not None
@@ -110,7 +114,7 @@ def _backward_scan(params: LSTMParams, res: _Residuals, c_prev, dhs, d_final: LS
             ],
             axis=-1,
         )
-        dh_prev = d_pre @ params.w_h.T
+        dh_prev = _masked(d_pre @ params.w_h.T, mask)
         dc_prev = dc * f1
         valid = _valid(t, lengths)
         if valid is not None:
@@ -135,9 +139,11 @@ def _rows(a):
     return a.reshape(-1, a.shape[-1])
 
 
-def _param_grads(params: LSTMParams, xs, h_prev, cells, d_pre, dz) -> LSTMParams:
+def _param_grads(params: LSTMParams, xs, h_prev, cells, d_pre, dz, mask) -> LSTMParams:
     """Weight gradients as single large matmuls over all ``T * B`` rows."""
     dg = _rows(d_pre)
+    if mask is not None:
+        h_prev = h_prev * mask[None]
     dw_h = _rows(h_prev).T @ dg
     dw_x = _rows(xs).T @ dg
     db = dg.sum(0)
@@ -151,10 +157,10 @@ def _add_params(a: LSTMParams, b: LSTMParams) -> LSTMParams:
     return jax.tree.map(jnp.add, a, b)
 
 
-def _plain_forward(params, xs, state, steps, lengths, reverse, unroll):
+def _plain_forward(params, xs, state, steps, lengths, mask, reverse, unroll):
     def body(s, inputs):
         x, t = inputs
-        new, y = _step(params, s, x)
+        new, y = _step(params, s, x, mask)
         valid = _valid(t, lengths)
         if valid is None:
             return new, y
@@ -165,31 +171,36 @@ def _plain_forward(params, xs, state, steps, lengths, reverse, unroll):
     return hs, final
 
 
+def _no_grad(mask):
+    """Dropout masks are constants: a zero cotangent."""
+    return None if mask is None else jnp.zeros_like(mask)
+
+
 # ---------------------------------------------------------------- full residuals
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _fused(params, xs, state, lengths, reverse, unroll):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _fused(params, xs, state, lengths, mask, reverse, unroll):
     steps = jnp.arange(xs.shape[0], dtype=jnp.int32)
-    return _plain_forward(params, xs, state, steps, lengths, reverse, unroll)
+    return _plain_forward(params, xs, state, steps, lengths, mask, reverse, unroll)
 
 
-def _fused_fwd(params, xs, state, lengths, reverse, unroll):
+def _fused_fwd(params, xs, state, lengths, mask, reverse, unroll):
     steps = jnp.arange(xs.shape[0], dtype=jnp.int32)
-    hs, final, res = _forward_with_residuals(params, xs, state, steps, lengths, reverse, unroll)
-    return (hs, final), (params, xs, state, lengths, hs, res)
+    hs, final, res = _forward_with_residuals(params, xs, state, steps, lengths, mask, reverse, unroll)
+    return (hs, final), (params, xs, state, lengths, mask, hs, res)
 
 
 def _fused_bwd(reverse, unroll, saved, cotangents):
-    params, xs, state, lengths, hs, res = saved
+    params, xs, state, lengths, mask, hs, res = saved
     dhs, d_final = cotangents
     steps = jnp.arange(xs.shape[0], dtype=jnp.int32)
     c_prev = _previous(res.cells, state.cell, steps, lengths, reverse)
     h_prev = _previous(hs, state.hidden, steps, lengths, reverse)
-    d_pre, dz, d_state = _backward_scan(params, res, c_prev, dhs, d_final, steps, lengths, reverse, unroll)
-    grads = _param_grads(params, xs, h_prev, res.cells, d_pre, dz)
+    d_pre, dz, d_state = _backward_scan(params, res, c_prev, dhs, d_final, steps, lengths, mask, reverse, unroll)
+    grads = _param_grads(params, xs, h_prev, res.cells, d_pre, dz, mask)
     dxs = d_pre @ params.w_x.T
-    return grads, dxs, d_state, None
+    return grads, dxs, d_state, None, _no_grad(mask)
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
@@ -214,28 +225,28 @@ def _pad_time(xs, lengths, k):
     return xs, lengths, n, T
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _checkpointed(params, xs, state, lengths, reverse, unroll, k):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _checkpointed(params, xs, state, lengths, mask, reverse, unroll, k):
     steps = jnp.arange(xs.shape[0], dtype=jnp.int32)
-    return _plain_forward(params, xs, state, steps, lengths, reverse, unroll)
+    return _plain_forward(params, xs, state, steps, lengths, mask, reverse, unroll)
 
 
-def _checkpointed_fwd(params, xs, state, lengths, reverse, unroll, k):
+def _checkpointed_fwd(params, xs, state, lengths, mask, reverse, unroll, k):
     xs_p, lengths_p, n, T = _pad_time(xs, lengths, k)
     steps = _chunk(jnp.arange(n * k, dtype=jnp.int32), n, k)
 
     def chunk_body(s, inputs):
         x, t = inputs
-        hs, new = _plain_forward(params, x, s, t, lengths_p, reverse, unroll)
+        hs, new = _plain_forward(params, x, s, t, lengths_p, mask, reverse, unroll)
         return new, (hs, s)
 
     final, (hs, starts) = jax.lax.scan(chunk_body, state, (_chunk(xs_p, n, k), steps), reverse=reverse)
     hs = hs.reshape((n * k,) + hs.shape[2:])[:T]
-    return (hs, final), (params, xs, state, lengths, starts)
+    return (hs, final), (params, xs, state, lengths, mask, starts)
 
 
 def _checkpointed_bwd(reverse, unroll, k, saved, cotangents):
-    params, xs, state, lengths, starts = saved
+    params, xs, state, lengths, mask, starts = saved
     dhs, d_final = cotangents
     xs_p, lengths_p, n, T = _pad_time(xs, lengths, k)
     pad = n * k - T
@@ -247,11 +258,11 @@ def _checkpointed_bwd(reverse, unroll, k, saved, cotangents):
     def chunk_body(carry, inputs):
         d_state, grads = carry
         x, dy, t, start = inputs
-        hs, _, res = _forward_with_residuals(params, x, start, t, lengths_p, reverse, unroll)
+        hs, _, res = _forward_with_residuals(params, x, start, t, lengths_p, mask, reverse, unroll)
         c_prev = _previous(res.cells, start.cell, t, lengths_p, reverse)
         h_prev = _previous(hs, start.hidden, t, lengths_p, reverse)
-        d_pre, dz, d_start = _backward_scan(params, res, c_prev, dy, d_state, t, lengths_p, reverse, unroll)
-        grads = _add_params(grads, _param_grads(params, x, h_prev, res.cells, d_pre, dz))
+        d_pre, dz, d_start = _backward_scan(params, res, c_prev, dy, d_state, t, lengths_p, mask, reverse, unroll)
+        grads = _add_params(grads, _param_grads(params, x, h_prev, res.cells, d_pre, dz, mask))
         return (d_start, grads), d_pre @ params.w_x.T
 
     (d_state, grads), dxs = jax.lax.scan(
@@ -261,25 +272,27 @@ def _checkpointed_bwd(reverse, unroll, k, saved, cotangents):
         reverse=not reverse,
     )
     dxs = dxs.reshape((n * k,) + dxs.shape[2:])[:T]
-    return grads, dxs, d_state, None
+    return grads, dxs, d_state, None, _no_grad(mask)
 
 
 _checkpointed.defvjp(_checkpointed_fwd, _checkpointed_bwd)
 
 
-def scan_time_major(params, xs, state, lengths, *, reverse, unroll, backward, checkpoint_every):
+def scan_time_major(params, xs, state, lengths, mask, *, reverse, unroll, backward, checkpoint_every):
     """Dispatch to the autodiff scan, the fused backward, or the chunked fused backward."""
+    if mask is not None:
+        mask = jax.lax.stop_gradient(mask)
     if backward == "autodiff":
         steps = jnp.arange(xs.shape[0], dtype=jnp.int32)
         if checkpoint_every is None:
-            return _plain_forward(params, xs, state, steps, lengths, reverse, unroll)
-        return _autodiff_checkpointed(params, xs, state, lengths, reverse, unroll, checkpoint_every)
+            return _plain_forward(params, xs, state, steps, lengths, mask, reverse, unroll)
+        return _autodiff_checkpointed(params, xs, state, lengths, mask, reverse, unroll, checkpoint_every)
     if checkpoint_every is None:
-        return _fused(params, xs, state, lengths, reverse, unroll)
-    return _checkpointed(params, xs, state, lengths, reverse, unroll, checkpoint_every)
+        return _fused(params, xs, state, lengths, mask, reverse, unroll)
+    return _checkpointed(params, xs, state, lengths, mask, reverse, unroll, checkpoint_every)
 
 
-def _autodiff_checkpointed(params, xs, state, lengths, reverse, unroll, k):
+def _autodiff_checkpointed(params, xs, state, lengths, mask, reverse, unroll, k):
     """Autodiff path with ``jax.checkpoint`` around each chunk of ``k`` steps."""
     xs_p, lengths_p, n, T = _pad_time(xs, lengths, k)
     steps = _chunk(jnp.arange(n * k, dtype=jnp.int32), n, k)
@@ -287,7 +300,7 @@ def _autodiff_checkpointed(params, xs, state, lengths, reverse, unroll, k):
     @jax.checkpoint
     def chunk_body(s, inputs):
         x, t = inputs
-        hs, new = _plain_forward(params, x, s, t, lengths_p, reverse, unroll)
+        hs, new = _plain_forward(params, x, s, t, lengths_p, mask, reverse, unroll)
         return new, hs
 
     final, hs = jax.lax.scan(chunk_body, state, (_chunk(xs_p, n, k), steps), reverse=reverse)

@@ -67,12 +67,12 @@ def prepare(params, xs, state, seq_lengths, time_major: bool, unroll, what: str 
 
 
 @functools.partial(jax.jit, static_argnames=("reverse", "time_major", "unroll", "backward", "checkpoint_every"))
-def _lstm_jit(params, xs, state, lengths, *, reverse, time_major, unroll, backward, checkpoint_every):
+def _lstm_jit(params, xs, state, lengths, mask, *, reverse, time_major, unroll, backward, checkpoint_every):
     batched_batch_major = xs.ndim == 3 and not time_major
     if batched_batch_major:
         xs = jnp.swapaxes(xs, 0, 1)
     hs, final = scan_time_major(
-        params, xs, state, lengths, reverse=reverse, unroll=unroll, backward=backward, checkpoint_every=checkpoint_every
+        params, xs, state, lengths, mask, reverse=reverse, unroll=unroll, backward=backward, checkpoint_every=checkpoint_every
     )
     if batched_batch_major:
         hs = jnp.swapaxes(hs, 0, 1)
@@ -90,6 +90,7 @@ def lstm(
     unroll: int = 1,
     backward: str = "fused",
     checkpoint_every: Optional[int] = None,
+    recurrent_mask: Optional[Array] = None,
 ) -> tuple[Array, LSTMState]:
     """Run one LSTM layer over a sequence (``jax.lax.scan``, jit-compiled).
 
@@ -120,6 +121,11 @@ def lstm(
         during the backward pass: memory ``O(T/k + k)`` for about one extra
         forward pass of compute. ``k ~ sqrt(T)`` is a good choice for very
         long sequences. Results are identical.
+      recurrent_mask: optional ``(B, H)`` (``(H,)`` unbatched) multiplier of
+        ``a^{t-1}`` where it enters the gates, the same at every step: this is
+        variational recurrent dropout (Gal & Ghahramani, 2016) when it holds
+        ``bernoulli(1 - rate) / (1 - rate)``. Treated as a constant (no
+        gradient).
 
     Returns:
       ``(hiddens, final_state)``: ``hiddens`` in the layout of ``xs`` with
@@ -141,11 +147,14 @@ def lstm(
     """
     xs, state, lengths = prepare(params, xs, state, seq_lengths, time_major, unroll)
     _check_backward(backward, checkpoint_every)
+    if recurrent_mask is not None:
+        recurrent_mask = _errors.check_mask(recurrent_mask, state.hidden.shape, params.dtype)
     return _lstm_jit(
         params,
         xs,
         state,
         lengths,
+        recurrent_mask,
         reverse=bool(reverse),
         time_major=bool(time_major),
         unroll=unroll,

@@ -52,6 +52,19 @@ def _merge_fn(merge) -> Callable[[Array, Array], Array]:
     return _MERGES[merge]
 
 
+def _dropout_mask(key, rate: float, shape, dtype) -> Array:
+    """Inverted-dropout multiplier: ``bernoulli(1 - rate) / (1 - rate)``."""
+    keep = jax.random.bernoulli(key, 1.0 - rate, shape)
+    return jnp.where(keep, jnp.asarray(1.0 / (1.0 - rate), dtype), jnp.asarray(0.0, dtype))
+
+
+def _batch_shape(xs, time_major: bool) -> tuple:
+    shape = jnp.shape(xs)
+    if len(shape) != 3:
+        return ()
+    return (shape[1],) if time_major else (shape[0],)
+
+
 def bidirectional(
     params: BidirectionalParams,
     xs: Array,
@@ -63,6 +76,7 @@ def bidirectional(
     unroll: int = 1,
     backward: str = "fused",
     checkpoint_every: Optional[int] = None,
+    recurrent_masks: Optional[tuple[Array, Array]] = None,
 ) -> tuple[Array, BidirectionalState]:
     """A bidirectional LSTM layer: one pass forwards, one backwards, merged.
 
@@ -79,6 +93,8 @@ def bidirectional(
         axis, ``2H`` features), ``"sum"``, ``"mean"``, ``"mul"`` (``H``
         features), or a function ``(forward, backward) -> merged``.
       time_major, unroll, backward, checkpoint_every: as in :func:`jaxlstm.lstm`.
+      recurrent_masks: optional pair ``(forward_mask, backward_mask)``, each
+        a ``recurrent_mask`` for :func:`jaxlstm.lstm`.
 
     Returns:
       ``(outputs, BidirectionalState(forward_final, backward_final))``.
@@ -106,8 +122,9 @@ def bidirectional(
     kw = dict(
         seq_lengths=seq_lengths, time_major=time_major, unroll=unroll, backward=backward, checkpoint_every=checkpoint_every
     )
-    ys_f, final_f = lstm(params.forward, xs, fwd_state, **kw)
-    ys_b, final_b = lstm(params.backward, xs, bwd_state, reverse=True, **kw)
+    mask_f, mask_b = (None, None) if recurrent_masks is None else recurrent_masks
+    ys_f, final_f = lstm(params.forward, xs, fwd_state, recurrent_mask=mask_f, **kw)
+    ys_b, final_b = lstm(params.backward, xs, bwd_state, reverse=True, recurrent_mask=mask_b, **kw)
     return merge_fn(ys_f, ys_b), BidirectionalState(final_f, final_b)
 
 
@@ -183,6 +200,7 @@ def lstm_stack(
     backward: str = "fused",
     checkpoint_every: Optional[int] = None,
     dropout_rate: float = 0.0,
+    recurrent_dropout_rate: float = 0.0,
     dropout_key: Optional[Array] = None,
 ) -> tuple[Array, tuple[LayerState, ...]]:
     """Run a stack of LSTM layers, each feeding the next.
@@ -200,8 +218,11 @@ def lstm_stack(
       time_major, unroll, backward, checkpoint_every: as in :func:`jaxlstm.lstm`.
       dropout_rate: dropout applied to each layer's output except the last's
         (inverted dropout, so nothing changes at evaluation).
-      dropout_key: PRNG key; dropout is applied only when it is given and
-        ``dropout_rate > 0``.
+      recurrent_dropout_rate: variational recurrent dropout: one mask per
+        sequence and direction on ``a^{t-1}`` where it enters the gates, the
+        same at every time step (see ``recurrent_mask`` in :func:`jaxlstm.lstm`).
+      dropout_key: PRNG key; dropout of either kind is applied only when it is
+        given (training) and its rate is positive.
 
     Returns:
       ``(outputs, final_states)``: the last layer's outputs and a tuple with
@@ -226,10 +247,13 @@ def lstm_stack(
             f"lstm_stack: received {len(states)} states for {len(layers)} layers; pass one state per layer "
             "(None for zeros) or states=None."
         )
-    if not 0.0 <= dropout_rate < 1.0:
-        raise ValueError(f"dropout_rate must lie in [0, 1); received {dropout_rate}.")
+    for name, rate in (("dropout_rate", dropout_rate), ("recurrent_dropout_rate", recurrent_dropout_rate)):
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"{name} must lie in [0, 1); received {rate}.")
     use_dropout = dropout_rate > 0.0 and dropout_key is not None
-    keys = jax.random.split(dropout_key, len(layers)) if use_dropout else [None] * len(layers)
+    use_recurrent = recurrent_dropout_rate > 0.0 and dropout_key is not None
+    keys = jax.random.split(dropout_key, len(layers)) if dropout_key is not None else [None] * len(layers)
+    batch = _batch_shape(xs, time_major)
     finals = []
     ys = xs
     for n, (layer, state, key) in enumerate(zip(layers, states, keys)):
@@ -240,16 +264,25 @@ def lstm_stack(
             backward=backward,
             checkpoint_every=checkpoint_every,
         )
-        if isinstance(layer, BidirectionalParams):
-            ys, final = bidirectional(layer, ys, state, merge=merge, **kw)
-        elif isinstance(layer, LSTMParams):
-            ys, final = lstm(layer, ys, state, reverse=reverse, **kw)
-        else:
+        if not isinstance(layer, (BidirectionalParams, LSTMParams)):
             raise TypeError(
                 f"lstm_stack: layer {n} is a {type(layer).__name__}; expected LSTMParams or BidirectionalParams."
             )
+        k_out, k_fwd, k_bwd = jax.random.split(key, 3) if key is not None else (None, None, None)
+        if isinstance(layer, BidirectionalParams):
+            masks = None
+            if use_recurrent:
+                masks = tuple(
+                    _dropout_mask(k, recurrent_dropout_rate, batch + (p.hidden_size,), p.dtype)
+                    for k, p in ((k_fwd, layer.forward), (k_bwd, layer.backward))
+                )
+            ys, final = bidirectional(layer, ys, state, merge=merge, recurrent_masks=masks, **kw)
+        else:
+            mask = None
+            if use_recurrent:
+                mask = _dropout_mask(k_fwd, recurrent_dropout_rate, batch + (layer.hidden_size,), layer.dtype)
+            ys, final = lstm(layer, ys, state, reverse=reverse, recurrent_mask=mask, **kw)
         if use_dropout and n < len(layers) - 1:
-            keep = jax.random.bernoulli(key, 1.0 - dropout_rate, ys.shape)
-            ys = jnp.where(keep, ys / jnp.asarray(1.0 - dropout_rate, ys.dtype), jnp.zeros_like(ys))
+            ys = ys * _dropout_mask(k_out, dropout_rate, ys.shape, ys.dtype)
         finals.append(final)
     return ys, tuple(finals)

@@ -118,3 +118,31 @@ def test_bad_backward_options():
         jaxlstm.lstm(p, xs, backward="cudnn")
     with pytest.raises(ValueError, match="checkpoint_every must be None or a positive int"):
         jaxlstm.lstm(p, xs, checkpoint_every=0)
+
+
+@pytest.mark.parametrize("checkpoint_every", [None, 2])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_recurrent_mask_forward_and_gradients(checkpoint_every, reverse):
+    # Given a per-sequence mask on a^{t-1}
+    p, xs, s0, w_out, w_c, rng = problem(7, 3, 5, 2, 4, True, np.float64)
+    mask = jnp.asarray(rng.integers(0, 2, size=(3, 4)) * 2.0)
+    lengths = jnp.array([5, 3, 1])
+    # Then the forward equals stepping by hand with the masked hidden state
+    state = s0
+    order = range(4, -1, -1) if reverse else range(5)
+    hs_ref = np.zeros((3, 5, 4))
+    for t in order:
+        # the cell update uses the masked hidden only inside the gates; the carried cell is unmasked
+        c = jaxlstm.forget_gate(p, state.hidden * mask, xs[:, t]) * state.cell + jaxlstm.input_gate(p, state.hidden * mask, xs[:, t])
+        a = jaxlstm.output_gate(p, c, state.hidden * mask, xs[:, t])
+        valid = (t < lengths)[:, None]
+        state = jaxlstm.LSTMState(jnp.where(valid, c, state.cell), jnp.where(valid, a, state.hidden))
+        hs_ref[:, t] = np.where(valid, a, 0.0)
+    kw = dict(seq_lengths=lengths, reverse=reverse, recurrent_mask=mask)
+    hs, final = jaxlstm.lstm(p, xs, s0, checkpoint_every=checkpoint_every, **kw)
+    np.testing.assert_allclose(hs, hs_ref, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(final.cell, state.cell, rtol=1e-12, atol=1e-12)
+    # and the fused gradients equal autodiff's
+    _, g_ref = grads_of(p, xs, s0, w_out, w_c, backward="autodiff", **kw)
+    _, g = grads_of(p, xs, s0, w_out, w_c, checkpoint_every=checkpoint_every, **kw)
+    assert_trees_close(g, g_ref, rtol=1e-10)

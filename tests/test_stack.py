@@ -81,7 +81,7 @@ def test_stack_dropout_between_layers():
     # layer 2 given the dropped-out layer-1 output by hand
     h1, _ = jaxlstm.lstm(layers[0], xs)
     keys = jax.random.split(jax.random.key(2), 2)
-    keep = jax.random.bernoulli(keys[0], 0.5, h1.shape)
+    keep = jax.random.bernoulli(jax.random.split(keys[0], 3)[0], 0.5, h1.shape)
     manual, _ = jaxlstm.lstm(layers[1], jnp.where(keep, h1 * 2.0, 0.0))
     np.testing.assert_allclose(d1, manual, rtol=1e-6, atol=1e-7)
 
@@ -93,3 +93,19 @@ def test_stack_under_jit_and_grad():
     grads = jax.grad(loss)(layers)
     assert jax.tree.structure(grads) == jax.tree.structure(layers)
     assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
+
+
+def test_stack_recurrent_dropout_is_one_mask_per_sequence():
+    layers = jaxlstm.init_stack(jax.random.key(0), 3, 8, num_layers=1, bidirectional=True, dtype=jnp.float64)
+    xs = jax.random.normal(jax.random.key(1), (4, 6, 3), jnp.float64)
+    key = jax.random.key(5)
+    ys, _ = jaxlstm.lstm_stack(layers, xs, recurrent_dropout_rate=0.25, dropout_key=key)
+    # rebuild the masks the documented way and run each direction by hand
+    _, k_fwd, k_bwd = jax.random.split(jax.random.split(key, 1)[0], 3)
+    masks = [jnp.where(jax.random.bernoulli(k, 0.75, (4, 8)), 1 / 0.75, 0.0) for k in (k_fwd, k_bwd)]
+    yf, _ = jaxlstm.lstm(layers[0].forward, xs, recurrent_mask=masks[0])
+    yb, _ = jaxlstm.lstm(layers[0].backward, xs, reverse=True, recurrent_mask=masks[1])
+    np.testing.assert_allclose(ys, jnp.concatenate([yf, yb], -1), rtol=1e-13)
+    plain, _ = jaxlstm.lstm_stack(layers, xs)
+    assert not np.allclose(ys, plain)
+    assert len({tuple(np.asarray(m[b])) for m in masks[:1] for b in range(4)}) > 1  # masks differ across sequences

@@ -185,6 +185,50 @@ def default_recurrent_init() -> Initializer:
     return init
 
 
+def _identity_init(key, shape, dtype=jnp.float32):
+    del key
+    return jnp.eye(shape[0], shape[1], dtype=dtype)
+
+
+def layer_initializers(
+    *,
+    kernel_init: Optional[Initializer] = None,
+    recurrent_init: Optional[Initializer] = None,
+    bias_init: Optional[Initializer] = None,
+    forget_bias: float = 1.0,
+    output_init: Optional[Initializer] = None,
+    output_bias_init: Optional[Initializer] = None,
+) -> dict[str, Initializer]:
+    """One initializer per field of :class:`LSTMParams` (``None`` picks the default).
+
+    The single source of the defaults documented in :func:`init_params`; the
+    Flax modules use it too. Each returned function has the signature
+    ``init(key, shape, dtype)``.
+    """
+    base_bias = bias_init or jax.nn.initializers.zeros
+
+    def b_init(key, shape, dtype=jnp.float32):
+        b = base_bias(key, shape, dtype)
+        return b.at[: shape[0] // 4].add(jnp.asarray(forget_bias, dtype))
+
+    return {
+        "w_h": recurrent_init or default_recurrent_init(),
+        "w_x": kernel_init or jax.nn.initializers.glorot_uniform(),
+        "b": b_init,
+        "w_o": output_init or _identity_init,
+        "b_o": output_bias_init or jax.nn.initializers.zeros,
+    }
+
+
+def param_shapes(input_size: int, hidden_size: int, output_transform: bool) -> dict[str, tuple[int, ...]]:
+    """Shapes of the fields of :class:`LSTMParams` (only the present ones)."""
+    h = hidden_size
+    shapes = {"w_h": (h, 4 * h), "w_x": (input_size, 4 * h), "b": (4 * h,)}
+    if output_transform:
+        shapes.update(w_o=(h, h), b_o=(h,))
+    return shapes
+
+
 def init_params(
     key: Array,
     input_size: int,
@@ -234,23 +278,17 @@ def init_params(
     hidden_size = _positive_int(hidden_size, "hidden_size")
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"dtype must be a floating dtype; received {jnp.dtype(dtype)}. Use e.g. jnp.float32.")
-    kernel_init = kernel_init or jax.nn.initializers.glorot_uniform()
-    recurrent_init = recurrent_init or default_recurrent_init()
-    bias_init = bias_init or jax.nn.initializers.zeros
-    k_x, k_h, k_b, k_o, k_bo = jax.random.split(key, 5)
-    h = hidden_size
-    w_x = kernel_init(k_x, (input_size, 4 * h), dtype)
-    w_h = recurrent_init(k_h, (h, 4 * h), dtype)
-    b = bias_init(k_b, (4 * h,), dtype)
-    b = b.at[:h].add(jnp.asarray(forget_bias, dtype))
-    w_o = b_o = None
-    if output_transform:
-        if output_init is None:
-            w_o = jnp.eye(h, dtype=dtype)
-        else:
-            w_o = output_init(k_o, (h, h), dtype)
-        b_o = (output_bias_init or jax.nn.initializers.zeros)(k_bo, (h,), dtype)
-    return LSTMParams(w_h, w_x, b, w_o, b_o)
+    inits = layer_initializers(
+        kernel_init=kernel_init,
+        recurrent_init=recurrent_init,
+        bias_init=bias_init,
+        forget_bias=forget_bias,
+        output_init=output_init,
+        output_bias_init=output_bias_init,
+    )
+    shapes = param_shapes(input_size, hidden_size, output_transform)
+    keys = dict(zip(("w_x", "w_h", "b", "w_o", "b_o"), jax.random.split(key, 5)))
+    return LSTMParams(**{name: inits[name](keys[name], shape, dtype) for name, shape in shapes.items()})
 
 
 def params_from_gates(W_f1, b_f1, W_i, b_i, W_f2, b_f2, W_f3, b_f3, W_o=None, b_o=None) -> LSTMParams:

@@ -1,0 +1,362 @@
+"""Flax linen modules: :class:`LSTMCell` (Flax's cell protocol) and :class:`LSTM` (a full layer stack).
+
+Both are thin: they declare parameters with the names of
+:class:`jaxlstm.LSTMParams` (``w_h, w_x, b, w_o, b_o``) and call the
+functional core, so there is one implementation of the maths.
+
+Parameter tree of :class:`LSTM`: ``{"layer_0": {...}, "layer_1": {...}}``,
+or for a bidirectional stack ``{"layer_0_forward": {...},
+"layer_0_backward": {...}, ...}``; :meth:`LSTM.layers` turns it into the functional API's layers
+and :meth:`LSTM.variables` back.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from . import _module_common as common
+from ._cell import _step
+from ._params import LSTMParams, LSTMState, layer_initializers, param_shapes
+from ._stack import BidirectionalParams
+
+Initializer = Callable[..., jax.Array]
+_FIELDS = ("w_h", "w_x", "b", "w_o", "b_o")
+
+
+def _declare(module: nn.Module, input_size: int) -> LSTMParams:
+    inits = layer_initializers(
+        kernel_init=module.kernel_init,
+        recurrent_init=module.recurrent_init,
+        bias_init=module.bias_init,
+        forget_bias=module.forget_bias,
+        output_init=module.output_init,
+        output_bias_init=module.output_bias_init,
+    )
+    shapes = param_shapes(input_size, module.hidden_size, module.output_transform)
+    return LSTMParams(**{n: module.param(n, inits[n], shape, module.param_dtype) for n, shape in shapes.items()})
+
+
+class LSTMCell(nn.RNNCellBase):
+    """One LSTM step as a linen cell: ``__call__(carry, x) -> (carry, y)``.
+
+    Works with ``flax.linen.RNN`` and ``flax.linen.Bidirectional``. The carry
+    is a :class:`jaxlstm.LSTMState` ``(cell, hidden)``, each ``(*B, H)``.
+
+    Attributes:
+      hidden_size: ``H``.
+      output_transform: ``True`` for the seed cell, ``False`` for the classic one.
+      dtype: compute dtype (``None``: promote input and params).
+      param_dtype: parameter dtype.
+      kernel_init, recurrent_init, bias_init, forget_bias, output_init,
+        output_bias_init: see :func:`jaxlstm.init_params`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn
+      >>> from jaxlstm.linen import LSTMCell
+      >>> rnn = nn.RNN(LSTMCell(hidden_size=4))
+      >>> xs = jnp.ones((2, 7, 3))
+      >>> variables = rnn.init(jax.random.key(0), xs)
+      >>> rnn.apply(variables, xs).shape
+      (2, 7, 4)
+    """
+
+    hidden_size: int
+    output_transform: bool = True
+    dtype: Optional[Any] = None
+    param_dtype: Any = jnp.float32
+    kernel_init: Optional[Initializer] = None
+    recurrent_init: Optional[Initializer] = None
+    bias_init: Optional[Initializer] = None
+    forget_bias: float = 1.0
+    output_init: Optional[Initializer] = None
+    output_bias_init: Optional[Initializer] = None
+
+    @nn.compact
+    def __call__(self, carry: LSTMState, x: jax.Array) -> tuple[LSTMState, jax.Array]:
+        params = _declare(self, x.shape[-1])
+        cdt = common.compute_dtype(x, self.dtype, self.param_dtype)
+        params = common.cast_tree(params, cdt)
+        carry = LSTMState(*common.cast_tree(tuple(carry), cdt))
+        return _step(params, carry, x.astype(cdt))
+
+    @nn.nowrap
+    def initialize_carry(self, rng: jax.Array, input_shape: tuple[int, ...]) -> LSTMState:
+        """Zeros of shape ``input_shape[:-1] + (H,)`` (``rng`` is unused)."""
+        del rng
+        return common.zero_carry(input_shape[:-1], self.hidden_size, self.param_dtype)
+
+    @property
+    def num_feature_axes(self) -> int:
+        return 1
+
+    @staticmethod
+    def to_params(cell_params: dict) -> LSTMParams:
+        """This cell's parameter dict -> :class:`jaxlstm.LSTMParams`."""
+        return LSTMParams(**{k: cell_params[k] for k in _FIELDS if k in cell_params})
+
+    @staticmethod
+    def from_params(params: LSTMParams) -> dict:
+        """:class:`jaxlstm.LSTMParams` -> this cell's parameter dict."""
+        return {k: v for k, v in params._asdict().items() if v is not None}
+
+
+class _Direction(nn.Module):
+    """Declares one direction's parameters (no computation)."""
+
+    hidden_size: int
+    output_transform: bool
+    param_dtype: Any
+    kernel_init: Optional[Initializer]
+    recurrent_init: Optional[Initializer]
+    bias_init: Optional[Initializer]
+    forget_bias: float
+    output_init: Optional[Initializer]
+    output_bias_init: Optional[Initializer]
+
+    @nn.compact
+    def __call__(self, input_size: int) -> LSTMParams:
+        return _declare(self, input_size)
+
+
+class LSTM(nn.Module):
+    """A stack of (optionally bidirectional) LSTM layers, as a linen module.
+
+    Attributes:
+      hidden_size: ``H`` of every layer.
+      num_layers: number of stacked layers.
+      bidirectional: run each layer both ways and merge.
+      merge: ``"concat"`` (default), ``"sum"``, ``"mean"``, ``"mul"`` or a
+        function ``(forward, backward) -> merged``.
+      output_transform: ``True`` (default) for the seed cell, ``False`` for
+        the classic cell.
+      dropout_rate: dropout on each layer's output except the last's.
+      recurrent_dropout_rate: variational dropout on ``a^{t-1}`` inside the
+        gates, one mask per sequence (same at every step).
+      deterministic: default for the call's ``deterministic`` (dropout off
+        when ``True``); as with ``flax.linen.Dropout`` it must be given here or
+        at call time when a dropout rate is set. Dropout draws from the
+        ``"dropout"`` rng collection.
+      dtype, param_dtype: compute and parameter dtypes.
+      kernel_init, recurrent_init, bias_init, forget_bias, output_init,
+        output_bias_init: see :func:`jaxlstm.init_params`.
+      unroll, reverse, time_major, backward, checkpoint_every: see
+        :func:`jaxlstm.lstm`; ``reverse`` and ``time_major`` can be overridden
+        per call.
+
+    Call: ``model.apply(variables, xs, initial_state=None, *, seq_lengths=None,
+    deterministic=None, return_state=False)``. ``xs`` is ``(B, T, I)`` (or
+    ``(T, B, I)`` time-major, or ``(T, I)``). Returns the last layer's outputs,
+    or ``(outputs, final_states)`` with ``return_state=True`` where
+    ``final_states`` holds one :class:`jaxlstm.LSTMState` (or
+    :class:`jaxlstm.BidirectionalState`) per layer; ``initial_state`` has the
+    same structure.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxlstm.linen import LSTM
+      >>> model = LSTM(hidden_size=8, num_layers=2, bidirectional=True)
+      >>> xs = jnp.ones((4, 10, 3))
+      >>> variables = model.init(jax.random.key(0), xs)
+      >>> ys, states = model.apply(variables, xs, seq_lengths=jnp.array([10, 9, 5, 1]), return_state=True)
+      >>> ys.shape, states[-1].backward.hidden.shape
+      ((4, 10, 16), (4, 8))
+    """
+
+    hidden_size: int
+    num_layers: int = 1
+    bidirectional: bool = False
+    merge: Union[str, Callable[[jax.Array, jax.Array], jax.Array]] = "concat"
+    output_transform: bool = True
+    dropout_rate: float = 0.0
+    recurrent_dropout_rate: float = 0.0
+    deterministic: Optional[bool] = None
+    dtype: Optional[Any] = None
+    param_dtype: Any = jnp.float32
+    kernel_init: Optional[Initializer] = None
+    recurrent_init: Optional[Initializer] = None
+    bias_init: Optional[Initializer] = None
+    forget_bias: float = 1.0
+    output_init: Optional[Initializer] = None
+    output_bias_init: Optional[Initializer] = None
+    unroll: int = 1
+    reverse: bool = False
+    time_major: bool = False
+    backward: str = "fused"
+    checkpoint_every: Optional[int] = None
+
+    def _direction_kwargs(self) -> dict:
+        names = (
+            "hidden_size output_transform param_dtype kernel_init recurrent_init bias_init "
+            "forget_bias output_init output_bias_init"
+        ).split()
+        return {n: getattr(self, n) for n in names}
+
+    @nn.compact
+    def __call__(
+        self,
+        xs: jax.Array,
+        initial_state=None,
+        *,
+        seq_lengths: Optional[jax.Array] = None,
+        deterministic: Optional[bool] = None,
+        return_state: bool = False,
+        reverse: Optional[bool] = None,
+        time_major: Optional[bool] = None,
+    ):
+        if self.dropout_rate > 0.0 or self.recurrent_dropout_rate > 0.0:
+            # as flax.linen.Dropout: required (constructor or call) once dropout is configured
+            deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
+        reverse = self.reverse if reverse is None else reverse
+        time_major = self.time_major if time_major is None else time_major
+        xs = jnp.asarray(xs)
+        sizes = common.layer_input_sizes(
+            xs.shape[-1], self.hidden_size, self.num_layers, self.bidirectional, self.merge
+        )
+        kw = self._direction_kwargs()
+        layers = []
+        for k, size in enumerate(sizes):
+            if self.bidirectional:
+                fwd = _Direction(**kw, name=f"layer_{k}_forward")(size)
+                bwd = _Direction(**kw, name=f"layer_{k}_backward")(size)
+                layers.append(BidirectionalParams(fwd, bwd))
+            else:
+                layers.append(_Direction(**kw, name=f"layer_{k}")(size))
+        key = None
+        if common.needs_dropout_key(deterministic, self.dropout_rate, self.recurrent_dropout_rate, self.num_layers):
+            key = self.make_rng("dropout")
+        ys, states = common.run(
+            layers,
+            xs,
+            initial_state,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            seq_lengths=seq_lengths,
+            merge=self.merge,
+            reverse=reverse,
+            time_major=time_major,
+            unroll=self.unroll,
+            backward=self.backward,
+            checkpoint_every=self.checkpoint_every,
+            dropout_rate=self.dropout_rate,
+            recurrent_dropout_rate=self.recurrent_dropout_rate,
+            dropout_key=key,
+        )
+        return (ys, states) if return_state else ys
+
+    @nn.nowrap
+    def layers(self, params: dict) -> tuple:
+        """This module's ``params`` collection -> layers for :func:`jaxlstm.lstm_stack`."""
+        params = params.get("params", params)
+        out = []
+        for k in range(self.num_layers):
+            if self.bidirectional:
+                out.append(
+                    BidirectionalParams(
+                        LSTMCell.to_params(params[f"layer_{k}_forward"]),
+                        LSTMCell.to_params(params[f"layer_{k}_backward"]),
+                    )
+                )
+            else:
+                out.append(LSTMCell.to_params(params[f"layer_{k}"]))
+        return tuple(out)
+
+    @nn.nowrap
+    def variables_from(self, layers) -> dict:
+        """Layers of the functional API -> ``{"params": ...}`` for ``apply``."""
+        if len(layers) != self.num_layers:
+            raise ValueError(f"expected {self.num_layers} layers; received {len(layers)}.")
+        params = {}
+        for k, layer in enumerate(layers):
+            if self.bidirectional:
+                if not isinstance(layer, BidirectionalParams):
+                    raise TypeError(f"layer {k} must be BidirectionalParams for a bidirectional module.")
+                params[f"layer_{k}_forward"] = LSTMCell.from_params(layer.forward)
+                params[f"layer_{k}_backward"] = LSTMCell.from_params(layer.backward)
+            else:
+                params[f"layer_{k}"] = LSTMCell.from_params(layer)
+        return {"params": params}
+
+
+class SequenceClassifier(nn.Module):
+    """``Embed -> LSTM -> Dense`` on the final state: token sequences to class logits.
+
+    Call: ``apply(variables, tokens, seq_lengths=None, deterministic=None)``
+    with integer ``tokens`` ``(B, T)``; returns logits ``(B, num_classes)``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxlstm.linen import SequenceClassifier
+      >>> model = SequenceClassifier(vocab_size=10, embed_dim=8, hidden_size=16, num_classes=3)
+      >>> tokens = jnp.zeros((4, 12), jnp.int32)
+      >>> variables = model.init(jax.random.key(0), tokens)
+      >>> model.apply(variables, tokens, seq_lengths=jnp.array([12, 3, 5, 1])).shape
+      (4, 3)
+    """
+
+    vocab_size: int
+    embed_dim: int
+    hidden_size: int
+    num_classes: int
+    num_layers: int = 1
+    bidirectional: bool = False
+    output_transform: bool = True
+    dropout_rate: float = 0.0
+
+    @nn.compact
+    def __call__(self, tokens, seq_lengths=None, deterministic: Optional[bool] = None):
+        x = nn.Embed(self.vocab_size, self.embed_dim)(tokens)
+        _, states = LSTM(
+            self.hidden_size,
+            num_layers=self.num_layers,
+            bidirectional=self.bidirectional,
+            output_transform=self.output_transform,
+            dropout_rate=self.dropout_rate,
+        )(x, seq_lengths=seq_lengths, deterministic=deterministic, return_state=True)
+        return nn.Dense(self.num_classes)(common.final_summary(states, self.bidirectional))
+
+
+class CharLM(nn.Module):
+    """``Embed -> LSTM -> Dense``: a character (token) language model.
+
+    Call: ``apply(variables, tokens, initial_state=None, deterministic=None,
+    return_state=False)`` with integer ``tokens`` ``(B, T)``; returns next-token
+    logits ``(B, T, vocab_size)`` (and the final states, to continue a stream
+    or to sample one step at a time).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxlstm.linen import CharLM
+      >>> model = CharLM(vocab_size=30, embed_dim=8, hidden_size=16, num_layers=2)
+      >>> tokens = jnp.zeros((2, 5), jnp.int32)
+      >>> variables = model.init(jax.random.key(0), tokens)
+      >>> logits, states = model.apply(variables, tokens, return_state=True)
+      >>> logits.shape, len(states)
+      ((2, 5, 30), 2)
+    """
+
+    vocab_size: int
+    embed_dim: int
+    hidden_size: int
+    num_layers: int = 1
+    output_transform: bool = True
+    dropout_rate: float = 0.0
+    recurrent_dropout_rate: float = 0.0
+    backward: str = "fused"
+
+    @nn.compact
+    def __call__(self, tokens, initial_state=None, deterministic: Optional[bool] = None, return_state: bool = False):
+        x = nn.Embed(self.vocab_size, self.embed_dim)(tokens)
+        ys, states = LSTM(
+            self.hidden_size,
+            num_layers=self.num_layers,
+            output_transform=self.output_transform,
+            dropout_rate=self.dropout_rate,
+            recurrent_dropout_rate=self.recurrent_dropout_rate,
+            backward=self.backward,
+        )(x, initial_state, deterministic=deterministic, return_state=True)
+        logits = nn.Dense(self.vocab_size)(ys)
+        return (logits, states) if return_state else logits

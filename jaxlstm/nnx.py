@@ -1,0 +1,369 @@
+"""Flax NNX modules: :class:`LSTMCell` (NNX's cell protocol) and :class:`LSTM` (a full layer stack).
+
+Both hold their weights as ``nnx.Param`` fields named like the fields of
+:class:`jaxlstm.LSTMParams` and call the functional core. ``cell.params`` /
+``model.layers`` give the functional API's parameters, ``set_params`` /
+``set_layers`` write them back.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Union
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from . import _module_common as common
+from ._cell import _step
+from ._params import LSTMParams, LSTMState, layer_initializers, param_shapes
+from ._stack import BidirectionalParams
+
+Initializer = Callable[..., jax.Array]
+_FIELDS = ("w_h", "w_x", "b", "w_o", "b_o")
+
+
+class LSTMCell(nnx.RNNCellBase):
+    """One LSTM step as an NNX cell: ``__call__(carry, x) -> (carry, y)``.
+
+    Works with ``flax.nnx.RNN`` and ``flax.nnx.Bidirectional``. The carry is
+    a :class:`jaxlstm.LSTMState` ``(cell, hidden)``, each ``(*B, H)``.
+
+    Args:
+      in_features: ``I``.
+      hidden_size: ``H``.
+      output_transform: ``True`` for the seed cell, ``False`` for the classic cell.
+      dtype: compute dtype (``None``: promote input and params).
+      param_dtype: parameter dtype.
+      kernel_init, recurrent_init, bias_init, forget_bias, output_init,
+        output_bias_init: see :func:`jaxlstm.init_params`.
+      rngs: ``nnx.Rngs`` (its ``params`` stream initialises the weights).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from jaxlstm.nnx import LSTMCell
+      >>> rnn = nnx.RNN(LSTMCell(3, 4, rngs=nnx.Rngs(0)))
+      >>> rnn(jnp.ones((2, 7, 3))).shape
+      (2, 7, 4)
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_size: int,
+        *,
+        output_transform: bool = True,
+        dtype: Optional[Any] = None,
+        param_dtype: Any = jnp.float32,
+        kernel_init: Optional[Initializer] = None,
+        recurrent_init: Optional[Initializer] = None,
+        bias_init: Optional[Initializer] = None,
+        forget_bias: float = 1.0,
+        output_init: Optional[Initializer] = None,
+        output_bias_init: Optional[Initializer] = None,
+        rngs: nnx.Rngs,
+    ):
+        self.in_features = in_features
+        self.hidden_size = hidden_size
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        inits = layer_initializers(
+            kernel_init=kernel_init,
+            recurrent_init=recurrent_init,
+            bias_init=bias_init,
+            forget_bias=forget_bias,
+            output_init=output_init,
+            output_bias_init=output_bias_init,
+        )
+        shapes = param_shapes(in_features, hidden_size, output_transform)
+        for name in _FIELDS:
+            if name in shapes:
+                setattr(self, name, nnx.Param(inits[name](rngs.params(), shapes[name], param_dtype)))
+            else:
+                setattr(self, name, nnx.data(None))
+
+    @property
+    def params(self) -> LSTMParams:
+        """The weights as :class:`jaxlstm.LSTMParams` (a view of the current values)."""
+        return LSTMParams(*(None if getattr(self, n) is None else getattr(self, n)[...] for n in _FIELDS))
+
+    def set_params(self, params: LSTMParams) -> None:
+        """Overwrite the weights from :class:`jaxlstm.LSTMParams` of the same shapes and cell type."""
+        for name, value in zip(_FIELDS, params):
+            current = getattr(self, name)
+            if (current is None) != (value is None):
+                kind = "seed" if self.w_o is not None else "classic"
+                raise ValueError(f"cannot set {name}: this is a {kind} cell and the params describe the other kind.")
+            if value is not None:
+                if value.shape != current[...].shape:
+                    raise ValueError(f"{name} has shape {value.shape}; this cell expects {current[...].shape}.")
+                current[...] = jnp.asarray(value, current[...].dtype)
+
+    def __call__(self, carry: LSTMState, x: jax.Array) -> tuple[LSTMState, jax.Array]:
+        cdt = common.compute_dtype(x, self.dtype, self.param_dtype)
+        params = common.cast_tree(self.params, cdt)
+        carry = LSTMState(*common.cast_tree(tuple(carry), cdt))
+        return _step(params, carry, jnp.asarray(x).astype(cdt))
+
+    def initialize_carry(self, input_shape: tuple[int, ...], rngs: Any = None) -> LSTMState:
+        """Zeros of shape ``input_shape[:-1] + (H,)`` (``rngs`` is unused)."""
+        del rngs
+        return common.zero_carry(input_shape[:-1], self.hidden_size, self.param_dtype)
+
+    @property
+    def num_feature_axes(self) -> int:
+        return 1
+
+
+class LSTM(nnx.Module):
+    """A stack of (optionally bidirectional) LSTM layers, as an NNX module.
+
+    Args:
+      in_features: ``I`` of the first layer.
+      hidden_size: ``H`` of every layer.
+      num_layers, bidirectional, merge, output_transform, dropout_rate,
+        recurrent_dropout_rate, dtype, param_dtype, initializers, unroll,
+        reverse, time_major, backward, checkpoint_every: as in
+        :class:`jaxlstm.linen.LSTM`.
+      deterministic: dropout off when ``True``; flipped by ``model.eval()`` /
+        ``model.train()`` as for ``nnx.Dropout``, and overridable per call.
+      rngs: ``nnx.Rngs``; its ``params`` stream initialises the weights and,
+        when a dropout rate is set, its ``dropout`` stream is kept for masks.
+
+    Call: ``model(xs, initial_state=None, *, seq_lengths=None,
+    deterministic=None, return_state=False, rngs=None)`` with the same
+    shapes and results as :class:`jaxlstm.linen.LSTM`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from jaxlstm.nnx import LSTM
+      >>> model = LSTM(3, 8, num_layers=2, dropout_rate=0.1, rngs=nnx.Rngs(0))
+      >>> model(jnp.ones((4, 10, 3))).shape
+      (4, 10, 8)
+      >>> model.eval()  # dropout off
+      >>> model(jnp.ones((4, 10, 3)), seq_lengths=jnp.array([10, 9, 5, 0])).shape
+      (4, 10, 8)
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_size: int,
+        *,
+        num_layers: int = 1,
+        bidirectional: bool = False,
+        merge: Union[str, Callable[[jax.Array, jax.Array], jax.Array]] = "concat",
+        output_transform: bool = True,
+        dropout_rate: float = 0.0,
+        recurrent_dropout_rate: float = 0.0,
+        deterministic: bool = False,
+        dtype: Optional[Any] = None,
+        param_dtype: Any = jnp.float32,
+        kernel_init: Optional[Initializer] = None,
+        recurrent_init: Optional[Initializer] = None,
+        bias_init: Optional[Initializer] = None,
+        forget_bias: float = 1.0,
+        output_init: Optional[Initializer] = None,
+        output_bias_init: Optional[Initializer] = None,
+        unroll: int = 1,
+        reverse: bool = False,
+        time_major: bool = False,
+        backward: str = "fused",
+        checkpoint_every: Optional[int] = None,
+        rngs: nnx.Rngs,
+    ):
+        sizes = common.layer_input_sizes(in_features, hidden_size, num_layers, bidirectional, merge)
+        for name, rate in (("dropout_rate", dropout_rate), ("recurrent_dropout_rate", recurrent_dropout_rate)):
+            if not 0.0 <= rate < 1.0:
+                raise ValueError(f"{name} must lie in [0, 1); received {rate}.")
+        self.in_features = in_features
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.bidirectional = bidirectional
+        self.merge = merge
+        self.dropout_rate = dropout_rate
+        self.recurrent_dropout_rate = recurrent_dropout_rate
+        self.deterministic = deterministic
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.unroll = unroll
+        self.reverse = reverse
+        self.time_major = time_major
+        self.backward = backward
+        self.checkpoint_every = checkpoint_every
+        cell_kw = dict(
+            output_transform=output_transform,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            kernel_init=kernel_init,
+            recurrent_init=recurrent_init,
+            bias_init=bias_init,
+            forget_bias=forget_bias,
+            output_init=output_init,
+            output_bias_init=output_bias_init,
+            rngs=rngs,
+        )
+        self.forward_cells = nnx.List([LSTMCell(size, hidden_size, **cell_kw) for size in sizes])
+        if bidirectional:
+            self.backward_cells = nnx.List([LSTMCell(size, hidden_size, **cell_kw) for size in sizes])
+        else:
+            self.backward_cells = nnx.data(None)
+        if dropout_rate > 0.0 or recurrent_dropout_rate > 0.0:
+            self.rngs = rngs.dropout.fork()
+        else:
+            self.rngs = nnx.data(None)
+
+    @property
+    def layers(self) -> tuple:
+        """The weights as layers for :func:`jaxlstm.lstm_stack`."""
+        if self.backward_cells is None:
+            return tuple(c.params for c in self.forward_cells)
+        return tuple(BidirectionalParams(f.params, b.params) for f, b in zip(self.forward_cells, self.backward_cells))
+
+    def set_layers(self, layers) -> None:
+        """Overwrite the weights from layers of the functional API (same shapes)."""
+        layers = tuple(layers)
+        if len(layers) != self.num_layers:
+            raise ValueError(f"expected {self.num_layers} layers; received {len(layers)}.")
+        for k, layer in enumerate(layers):
+            if self.backward_cells is None:
+                self.forward_cells[k].set_params(layer)
+            else:
+                if not isinstance(layer, BidirectionalParams):
+                    raise TypeError(f"layer {k} must be BidirectionalParams for a bidirectional module.")
+                self.forward_cells[k].set_params(layer.forward)
+                self.backward_cells[k].set_params(layer.backward)
+
+    def __call__(
+        self,
+        xs: jax.Array,
+        initial_state=None,
+        *,
+        seq_lengths: Optional[jax.Array] = None,
+        deterministic: Optional[bool] = None,
+        return_state: bool = False,
+        rngs: Optional[nnx.Rngs] = None,
+    ):
+        deterministic = self.deterministic if deterministic is None else deterministic
+        key = None
+        if common.needs_dropout_key(deterministic, self.dropout_rate, self.recurrent_dropout_rate, self.num_layers):
+            if rngs is not None:
+                key = rngs.dropout()
+            elif self.rngs is not None:
+                key = self.rngs()
+            else:
+                raise ValueError("dropout is active (deterministic=False) but no rngs were given to the LSTM.")
+        ys, states = common.run(
+            self.layers,
+            xs,
+            initial_state,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            seq_lengths=seq_lengths,
+            merge=self.merge,
+            reverse=self.reverse,
+            time_major=self.time_major,
+            unroll=self.unroll,
+            backward=self.backward,
+            checkpoint_every=self.checkpoint_every,
+            dropout_rate=self.dropout_rate,
+            recurrent_dropout_rate=self.recurrent_dropout_rate,
+            dropout_key=key,
+        )
+        return (ys, states) if return_state else ys
+
+
+class SequenceClassifier(nnx.Module):
+    """``Embed -> LSTM -> Linear`` on the final state: token sequences to class logits.
+
+    Call: ``model(tokens, seq_lengths=None, deterministic=None)`` with integer
+    ``tokens`` ``(B, T)``; returns logits ``(B, num_classes)``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from jaxlstm.nnx import SequenceClassifier
+      >>> model = SequenceClassifier(10, 8, 16, 3, rngs=nnx.Rngs(0))
+      >>> model(jnp.zeros((4, 12), jnp.int32), seq_lengths=jnp.array([12, 3, 5, 1])).shape
+      (4, 3)
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        embed_dim: int,
+        hidden_size: int,
+        num_classes: int,
+        *,
+        num_layers: int = 1,
+        bidirectional: bool = False,
+        output_transform: bool = True,
+        dropout_rate: float = 0.0,
+        rngs: nnx.Rngs,
+    ):
+        self.bidirectional = bidirectional
+        self.embed = nnx.Embed(vocab_size, embed_dim, rngs=rngs)
+        self.lstm = LSTM(
+            embed_dim,
+            hidden_size,
+            num_layers=num_layers,
+            bidirectional=bidirectional,
+            output_transform=output_transform,
+            dropout_rate=dropout_rate,
+            rngs=rngs,
+        )
+        self.head = nnx.Linear(hidden_size * (2 if bidirectional else 1), num_classes, rngs=rngs)
+
+    def __call__(self, tokens, seq_lengths=None, deterministic: Optional[bool] = None):
+        _, states = self.lstm(self.embed(tokens), seq_lengths=seq_lengths, deterministic=deterministic, return_state=True)
+        return self.head(common.final_summary(states, self.bidirectional))
+
+
+class CharLM(nnx.Module):
+    """``Embed -> LSTM -> Linear``: a character (token) language model.
+
+    Call: ``model(tokens, initial_state=None, deterministic=None,
+    return_state=False)``; returns next-token logits ``(B, T, vocab_size)``
+    (and the final states).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from jaxlstm.nnx import CharLM
+      >>> model = CharLM(30, 8, 16, num_layers=2, rngs=nnx.Rngs(0))
+      >>> model(jnp.zeros((2, 5), jnp.int32)).shape
+      (2, 5, 30)
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        embed_dim: int,
+        hidden_size: int,
+        *,
+        num_layers: int = 1,
+        output_transform: bool = True,
+        dropout_rate: float = 0.0,
+        recurrent_dropout_rate: float = 0.0,
+        backward: str = "fused",
+        rngs: nnx.Rngs,
+    ):
+        self.embed = nnx.Embed(vocab_size, embed_dim, rngs=rngs)
+        self.lstm = LSTM(
+            embed_dim,
+            hidden_size,
+            num_layers=num_layers,
+            output_transform=output_transform,
+            dropout_rate=dropout_rate,
+            recurrent_dropout_rate=recurrent_dropout_rate,
+            backward=backward,
+            rngs=rngs,
+        )
+        self.head = nnx.Linear(hidden_size, vocab_size, rngs=rngs)
+
+    def __call__(self, tokens, initial_state=None, deterministic: Optional[bool] = None, return_state: bool = False):
+        ys, states = self.lstm(self.embed(tokens), initial_state, deterministic=deterministic, return_state=True)
+        logits = self.head(ys)
+        return (logits, states) if return_state else logits

@@ -14,3 +14,11 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 def _float64():
     with jax.enable_x64(True):
         yield
+
+
+@pytest.fixture
+def peer_promotion():
+    """Standard dtype promotion, for tests that run peer libraries (optax, Flax's RNN drivers),
+    which are not written for strict promotion. jaxlstm's own code runs under strict promotion."""
+    with jax.numpy_dtype_promotion("standard"):
+        yield

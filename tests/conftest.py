@@ -18,7 +18,7 @@ def _float64():
 
 @pytest.fixture
 def peer_promotion():
-    """Standard dtype promotion, for tests that run peer libraries (optax, Flax's RNN drivers),
-    which are not written for strict promotion. jaxlstm's own code runs under strict promotion."""
-    with jax.numpy_dtype_promotion("standard"):
+    """Standard dtype and rank promotion, for tests that run peer libraries (optax, Flax's RNN
+    drivers, Keras), which are not written for strict settings. jaxlstm's own code runs strict."""
+    with jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):
         yield

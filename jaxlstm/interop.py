@@ -1,0 +1,460 @@
+"""Lossless weight exchange with PyTorch, Keras 3, Flax (linen and NNX), Equinox and Haiku.
+
+Every peer describes the *classic* LSTM (``h = o * tanh(c)``); in jaxlstm's
+names its gates are ``f -> f1``, ``g -> i`` (the candidate), ``i -> f2`` and
+``o -> f3``. Layouts:
+
+============  ==========================================  ===========  ==============================
+peer          weights                                     gate order   conversion
+============  ==========================================  ===========  ==============================
+PyTorch       ``weight_ih (4H, I)``, ``weight_hh (4H, H)``,  i f g o      transpose; ``b = b_ih + b_hh``
+              ``bias_ih (4H)``, ``bias_hh (4H)``
+Keras 3       ``kernel (I, 4H)``, ``recurrent_kernel``     i f c o      reorder blocks
+              ``(H, 4H)``, ``bias (4H)``
+Flax linen    ``ii/if/ig/io: kernel (I, H)``,              per gate     concatenate blocks
+              ``hi/hf/hg/ho: kernel (H, H), bias (H)``
+Flax NNX      ``LSTMCell``: as linen (``if_`` for ``if``);  per gate /   as linen / reorder blocks
+              ``OptimizedLSTMCell``: ``dense_i (I, 4H)``,  i f g o
+              ``dense_h (H, 4H) + bias (4H)``
+Equinox       ``weight_ih (4H, I)``, ``weight_hh (4H, H)``,  i f g o      transpose
+              ``bias (4H)``
+Haiku         ``linear/w (I + H, 4H)`` over ``[x, h]``,    i g f o      split rows; forget bias -1/+1
+              ``linear/b (4H)``; adds 1 to ``f`` inside
+============  ==========================================  ===========  ==============================
+
+The seed cell's output map cannot be expressed by these formats: exporting
+params with ``w_o``/``b_o`` raises, unless ``w_o`` is exactly the identity and
+``b_o`` exactly zero (then the cell *is* the classic cell).
+
+Carry order: jaxlstm and Flax use ``(cell, hidden)``; PyTorch, Keras, Equinox
+and Haiku use ``(hidden, cell)``. :func:`state_to_hc` / :func:`state_from_hc`
+and the PyTorch state helpers convert.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._params import LSTMParams, LSTMState, check_params
+from ._stack import BidirectionalParams, BidirectionalState
+
+__all__ = [
+    "from_torch_lstm",
+    "to_torch_lstm",
+    "from_torch_cell",
+    "to_torch_cell",
+    "torch_states_to_jax",
+    "jax_states_to_torch",
+    "from_keras",
+    "to_keras",
+    "from_flax_linen",
+    "to_flax_linen",
+    "from_flax_nnx",
+    "to_flax_nnx",
+    "from_equinox",
+    "to_equinox",
+    "from_haiku",
+    "to_haiku",
+    "state_to_hc",
+    "state_from_hc",
+    "as_classic",
+]
+
+# jaxlstm's fused block order, written in the classic gate names
+_OURS = ("f", "g", "i", "o")
+
+
+# ------------------------------------------------------------------ classic-gate core
+
+
+def _blocks(a, order: Sequence[str], axis: int) -> dict:
+    parts = jnp.split(jnp.asarray(a), 4, axis=axis)
+    return dict(zip(order, parts))
+
+
+def _join(blocks: Mapping[str, Any], order: Sequence[str], axis: int):
+    return jnp.concatenate([jnp.asarray(blocks[g]) for g in order], axis=axis)
+
+
+def _from_classic(wx: Mapping, wh: Mapping, b: Mapping) -> LSTMParams:
+    """Per-gate blocks in row-vector orientation (``wx[g]`` ``(I, H)``, ``wh[g]`` ``(H, H)``, ``b[g]`` ``(H,)``)."""
+    params = LSTMParams(_join(wh, _OURS, 1), _join(wx, _OURS, 1), _join(b, _OURS, 0))
+    return check_params(params)
+
+
+def as_classic(params: LSTMParams) -> LSTMParams:
+    """``params`` without the output map, if that map is exactly the identity; else a ``ValueError``.
+
+    Example:
+      >>> import jax, jaxlstm
+      >>> from jaxlstm.interop import as_classic
+      >>> p = jaxlstm.init_params(jax.random.key(0), 3, 4)  # seed cell, W_o = I at init
+      >>> as_classic(p).output_transform
+      False
+    """
+    check_params(params)
+    if params.w_o is None:
+        return params
+    h = params.hidden_size
+    if bool(jnp.all(params.w_o == jnp.eye(h, dtype=params.w_o.dtype))) and bool(jnp.all(params.b_o == 0)):
+        return params._replace(w_o=None, b_o=None)
+    raise ValueError(
+        "these params are a seed cell with a learned output map tanh(W_o c + b_o); PyTorch, Keras, Flax, "
+        "Equinox and Haiku LSTMs only compute tanh(c), so the weights cannot be exported without changing "
+        "the model. Train with output_transform=False to exchange weights, or export only when W_o is the "
+        "identity and b_o zero."
+    )
+
+
+def _to_classic(params: LSTMParams):
+    p = as_classic(params)
+    return _blocks(p.w_x, _OURS, 1), _blocks(p.w_h, _OURS, 1), _blocks(p.b, _OURS, 0)
+
+
+# ------------------------------------------------------------------ states
+
+
+def state_to_hc(state: LSTMState) -> tuple:
+    """jaxlstm/Flax ``(cell, hidden)`` -> ``(hidden, cell)`` as used by PyTorch, Keras, Equinox, Haiku."""
+    return (state.hidden, state.cell)
+
+
+def state_from_hc(hc) -> LSTMState:
+    """``(hidden, cell)`` -> :class:`jaxlstm.LSTMState` ``(cell, hidden)``."""
+    h, c = hc
+    return LSTMState(jnp.asarray(c), jnp.asarray(h))
+
+
+# ------------------------------------------------------------------ PyTorch
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "PyTorch is needed for this converter: pip install 'jaxlstm[interop]' (a CPU build is enough)."
+        ) from e
+    return torch
+
+
+def _state_dict(src) -> dict:
+    if hasattr(src, "state_dict"):
+        src = src.state_dict()
+    return {k: np.asarray(v.detach().cpu().numpy()) if hasattr(v, "detach") else np.asarray(v) for k, v in src.items()}
+
+
+def _torch_layer(sd: dict, suffix: str) -> LSTMParams:
+    w_ih, w_hh = sd[f"weight_ih{suffix}"], sd[f"weight_hh{suffix}"]
+    h = w_hh.shape[1]
+    if w_hh.shape[0] != 4 * h:
+        raise ValueError(f"weight_hh{suffix} has shape {w_hh.shape}; expected (4H, H).")
+    if f"bias_ih{suffix}" in sd:
+        b = sd[f"bias_ih{suffix}"] + sd[f"bias_hh{suffix}"]
+    else:
+        b = np.zeros((4 * h,), w_ih.dtype)
+    order = ("i", "f", "g", "o")
+    return _from_classic(_blocks(w_ih.T, order, 1), _blocks(w_hh.T, order, 1), _blocks(b, order, 0))
+
+
+def _refuse_projection(sd: dict) -> None:
+    if any(k.startswith("weight_hr") for k in sd):
+        raise ValueError(
+            "this torch.nn.LSTM has proj_size > 0 (weight_hr_l* present): jaxlstm's cell has no hidden-state "
+            "projection, so it cannot reproduce the model. Use proj_size=0."
+        )
+
+
+def from_torch_lstm(src) -> tuple:
+    """A ``torch.nn.LSTM`` (module or ``state_dict``) -> layers for :func:`jaxlstm.lstm_stack`.
+
+    ``num_layers``, ``bidirectional`` and ``bias`` are read from the weights.
+    ``batch_first`` is not part of the weights: run the layers with
+    ``time_major=not batch_first``.
+
+    Returns:
+      A tuple of :class:`jaxlstm.LSTMParams` (or :class:`jaxlstm.BidirectionalParams`
+      for a bidirectional LSTM), one per layer, in the weights' dtype.
+    """
+    sd = _state_dict(src)
+    _refuse_projection(sd)
+    num_layers = 1 + max(int(k.split("_l")[1].split("_")[0]) for k in sd if k.startswith("weight_ih_l"))
+    bidirectional = any(k.endswith("_reverse") for k in sd)
+    layers = []
+    for k in range(num_layers):
+        fwd = _torch_layer(sd, f"_l{k}")
+        layers.append(BidirectionalParams(fwd, _torch_layer(sd, f"_l{k}_reverse")) if bidirectional else fwd)
+    return tuple(layers)
+
+
+def _torch_entries(params: LSTMParams, suffix: str, bias: bool) -> dict:
+    wx, wh, b = _to_classic(params)
+    order = ("i", "f", "g", "o")
+    out = {
+        f"weight_ih{suffix}": np.asarray(_join(wx, order, 1)).T,
+        f"weight_hh{suffix}": np.asarray(_join(wh, order, 1)).T,
+    }
+    b = np.asarray(_join(b, order, 0))
+    if bias:
+        out[f"bias_ih{suffix}"] = b
+        out[f"bias_hh{suffix}"] = np.zeros_like(b)
+    elif np.any(b != 0):
+        raise ValueError("bias=False was asked for but these params have non-zero biases; export with bias=True.")
+    return out
+
+
+def _to_tensors(entries: dict):
+    torch = _torch()
+    return OrderedDict((k, torch.from_numpy(np.array(v, copy=True, order="C"))) for k, v in entries.items())
+
+
+def to_torch_lstm(layers, *, bias: bool = True) -> "OrderedDict":
+    """Layers of the functional API -> a ``state_dict`` for ``torch.nn.LSTM``.
+
+    Build the module with the matching ``input_size``, ``hidden_size``,
+    ``num_layers``, ``bidirectional`` and ``bias``, then
+    ``module.load_state_dict(to_torch_lstm(layers))``. The whole bias goes to
+    ``bias_ih``; ``bias_hh`` is zero.
+    """
+    if isinstance(layers, (LSTMParams, BidirectionalParams)):
+        layers = (layers,)
+    entries = {}
+    for k, layer in enumerate(layers):
+        if isinstance(layer, BidirectionalParams):
+            entries.update(_torch_entries(layer.forward, f"_l{k}", bias))
+            entries.update(_torch_entries(layer.backward, f"_l{k}_reverse", bias))
+        else:
+            entries.update(_torch_entries(layer, f"_l{k}", bias))
+    # torch orders each layer's forward entries before its reverse entries, as built above
+    return _to_tensors(entries)
+
+
+def from_torch_cell(src) -> LSTMParams:
+    """A ``torch.nn.LSTMCell`` (module or ``state_dict``) -> :class:`jaxlstm.LSTMParams`."""
+    return _torch_layer(_state_dict(src), "")
+
+
+def to_torch_cell(params: LSTMParams, *, bias: bool = True) -> "OrderedDict":
+    """:class:`jaxlstm.LSTMParams` -> a ``state_dict`` for ``torch.nn.LSTMCell``."""
+    return _to_tensors(_torch_entries(params, "", bias))
+
+
+def torch_states_to_jax(h, c, num_layers: int, bidirectional: bool = False) -> tuple:
+    """PyTorch ``(h_0, c_0)`` / ``(h_n, c_n)``, each ``(num_layers * D, B, H)``, -> per-layer jaxlstm states."""
+    h, c = (np.asarray(t.detach().cpu().numpy()) if hasattr(t, "detach") else np.asarray(t) for t in (h, c))
+    d = 2 if bidirectional else 1
+    if h.shape[0] != num_layers * d or c.shape != h.shape:
+        raise ValueError(
+            f"expected h and c of shape ({num_layers * d}, B, H) for num_layers={num_layers}, "
+            f"bidirectional={bidirectional}; received {h.shape} and {c.shape}."
+        )
+    out = []
+    for k in range(num_layers):
+        s = [LSTMState(jnp.asarray(c[k * d + j]), jnp.asarray(h[k * d + j])) for j in range(d)]
+        out.append(BidirectionalState(*s) if bidirectional else s[0])
+    return tuple(out)
+
+
+def jax_states_to_torch(states) -> tuple:
+    """Per-layer jaxlstm states -> PyTorch ``(h, c)`` tensors of shape ``(num_layers * D, B, H)``."""
+    torch = _torch()
+    hs, cs = [], []
+    for s in states:
+        for d in (s if isinstance(s, BidirectionalState) else (s,)):
+            hs.append(np.asarray(d.hidden))
+            cs.append(np.asarray(d.cell))
+    return torch.from_numpy(np.stack(hs)), torch.from_numpy(np.stack(cs))
+
+
+# ------------------------------------------------------------------ Keras 3
+
+_KERAS = ("i", "f", "g", "o")
+
+
+def from_keras(src) -> LSTMParams:
+    """A ``keras.layers.LSTM`` (or its ``get_weights()`` list) -> :class:`jaxlstm.LSTMParams`.
+
+    Expects Keras' defaults ``activation="tanh"``, ``recurrent_activation="sigmoid"``.
+    """
+    if hasattr(src, "get_weights"):
+        cfg = src.get_config() if hasattr(src, "get_config") else {}
+        if cfg.get("activation", "tanh") != "tanh" or cfg.get("recurrent_activation", "sigmoid") != "sigmoid":
+            raise ValueError("only Keras LSTMs with activation='tanh' and recurrent_activation='sigmoid' convert.")
+        # read the variables' values directly (some Keras versions warn in get_weights under NumPy 2)
+        src = [getattr(w, "value", w) for w in src.weights]
+    weights = [np.asarray(w) for w in src]
+    if len(weights) not in (2, 3):
+        raise ValueError(f"expected [kernel, recurrent_kernel(, bias)]; received {len(weights)} arrays.")
+    kernel, recurrent = weights[:2]
+    bias = weights[2] if len(weights) == 3 else np.zeros((kernel.shape[1],), kernel.dtype)
+    return _from_classic(_blocks(kernel, _KERAS, 1), _blocks(recurrent, _KERAS, 1), _blocks(bias, _KERAS, 0))
+
+
+def to_keras(params: LSTMParams, *, use_bias: bool = True) -> list:
+    """:class:`jaxlstm.LSTMParams` -> ``[kernel, recurrent_kernel, bias]`` for ``layer.set_weights``."""
+    wx, wh, b = _to_classic(params)
+    out = [np.asarray(_join(wx, _KERAS, 1)), np.asarray(_join(wh, _KERAS, 1))]
+    bias = np.asarray(_join(b, _KERAS, 0))
+    if use_bias:
+        out.append(bias)
+    elif np.any(bias != 0):
+        raise ValueError("use_bias=False was asked for but these params have non-zero biases.")
+    return out
+
+
+# ------------------------------------------------------------------ Flax
+
+_FLAX = ("i", "f", "g", "o")
+
+
+def from_flax_linen(cell_params: Mapping) -> LSTMParams:
+    """Parameters of ``flax.linen.LSTMCell`` or ``OptimizedLSTMCell`` -> :class:`jaxlstm.LSTMParams`.
+
+    ``cell_params`` is the cell's own dict: ``{"ii": {"kernel"}, ..., "hi": {"kernel", "bias"}, ...}``
+    (e.g. ``variables["params"]["cell"]`` for ``nn.RNN(cell)``).
+    """
+    p = cell_params.get("params", cell_params)
+    wx = {g: p[f"i{g}"]["kernel"] for g in _FLAX}
+    wh = {g: p[f"h{g}"]["kernel"] for g in _FLAX}
+    b = {g: p[f"h{g}"]["bias"] for g in _FLAX}
+    return _from_classic(wx, wh, b)
+
+
+def to_flax_linen(params: LSTMParams) -> dict:
+    """:class:`jaxlstm.LSTMParams` -> the parameter dict of ``flax.linen.LSTMCell`` / ``OptimizedLSTMCell``."""
+    wx, wh, b = _to_classic(params)
+    out = {}
+    for g in _FLAX:
+        out[f"i{g}"] = {"kernel": wx[g]}
+        out[f"h{g}"] = {"kernel": wh[g], "bias": b[g]}
+    return out
+
+
+def _pure(src) -> dict:
+    from flax import nnx
+
+    if isinstance(src, nnx.Module):
+        return nnx.to_pure_dict(nnx.state(src, nnx.Param))
+    return src
+
+
+def from_flax_nnx(src) -> LSTMParams:
+    """``flax.nnx.LSTMCell`` or ``nnx.OptimizedLSTMCell`` (module, or its pure state dict) -> params.
+
+    The two NNX cells store their weights differently: ``LSTMCell`` has eight
+    ``Linear`` layers ``ii, if_, ig, io`` (no bias) and ``hi, hf, hg, ho``;
+    ``OptimizedLSTMCell`` has two, ``dense_i`` ``(I, 4H)`` and ``dense_h``
+    ``(H, 4H)`` with bias, blocks in the order i, f, g, o.
+    """
+    p = _pure(src)
+    if "dense_i" in p:
+        return _from_classic(
+            _blocks(p["dense_i"]["kernel"], _FLAX, 1),
+            _blocks(p["dense_h"]["kernel"], _FLAX, 1),
+            _blocks(p["dense_h"]["bias"], _FLAX, 0),
+        )
+    name = {"i": "ii", "f": "if_", "g": "ig", "o": "io"}
+    wx = {g: p[name[g]]["kernel"] for g in _FLAX}
+    wh = {g: p[f"h{g}"]["kernel"] for g in _FLAX}
+    b = {g: p[f"h{g}"]["bias"] for g in _FLAX}
+    return _from_classic(wx, wh, b)
+
+
+def to_flax_nnx(params: LSTMParams, cell=None, *, optimized: bool = False) -> dict:
+    """:class:`jaxlstm.LSTMParams` -> the pure state dict of ``nnx.LSTMCell`` (or ``OptimizedLSTMCell``).
+
+    With ``cell`` given (an ``nnx.LSTMCell`` or ``nnx.OptimizedLSTMCell``), the
+    weights are also written into it, and its kind decides the layout.
+    """
+    from flax import nnx
+
+    if cell is not None:
+        optimized = isinstance(cell, nnx.OptimizedLSTMCell)
+    wx, wh, b = _to_classic(params)
+    if optimized:
+        pure = {
+            "dense_i": {"kernel": _join(wx, _FLAX, 1)},
+            "dense_h": {"kernel": _join(wh, _FLAX, 1), "bias": _join(b, _FLAX, 0)},
+        }
+    else:
+        name = {"i": "ii", "f": "if_", "g": "ig", "o": "io"}
+        pure = {}
+        for g in _FLAX:
+            pure[name[g]] = {"kernel": wx[g]}
+            pure[f"h{g}"] = {"kernel": wh[g], "bias": b[g]}
+    if cell is not None:
+        state = nnx.state(cell, nnx.Param)
+        nnx.replace_by_pure_dict(state, pure)
+        nnx.update(cell, state)
+    return pure
+
+
+# ------------------------------------------------------------------ Equinox
+
+
+def from_equinox(cell) -> LSTMParams:
+    """``equinox.nn.LSTMCell`` -> :class:`jaxlstm.LSTMParams`."""
+    order = ("i", "f", "g", "o")
+    b = cell.bias if cell.bias is not None else jnp.zeros((cell.weight_ih.shape[0],), cell.weight_ih.dtype)
+    return _from_classic(_blocks(cell.weight_ih.T, order, 1), _blocks(cell.weight_hh.T, order, 1), _blocks(b, order, 0))
+
+
+def to_equinox(params: LSTMParams, cell=None):
+    """:class:`jaxlstm.LSTMParams` -> an ``equinox.nn.LSTMCell`` (a new one, or ``cell`` with its weights replaced)."""
+    import equinox as eqx
+
+    params = as_classic(params)
+    if cell is None:
+        cell = eqx.nn.LSTMCell(params.input_size, params.hidden_size, dtype=params.dtype, key=jax.random.key(0))
+    wx, wh, b = _to_classic(params)
+    order = ("i", "f", "g", "o")
+    new = (_join(wx, order, 1).T, _join(wh, order, 1).T, _join(b, order, 0))
+    if cell.bias is None:
+        if bool(jnp.any(new[2] != 0)):
+            raise ValueError("this Equinox cell has use_bias=False but the params have non-zero biases.")
+        return eqx.tree_at(lambda m: (m.weight_ih, m.weight_hh), cell, new[:2])
+    return eqx.tree_at(lambda m: (m.weight_ih, m.weight_hh, m.bias), cell, new)
+
+
+# ------------------------------------------------------------------ Haiku
+
+_HAIKU = ("i", "g", "f", "o")
+
+
+def from_haiku(params: Mapping, name: str = "lstm") -> LSTMParams:
+    """Parameters of ``haiku.LSTM`` -> :class:`jaxlstm.LSTMParams`.
+
+    Haiku applies one ``Linear`` to ``[x, h]`` (input rows first) with gate
+    blocks ``i, g, f, o``, and adds 1 to the forget pre-activation inside its
+    forward pass; that 1 moves into ``b_f1`` here.
+
+    Args:
+      params: the transformed function's params, holding ``f"{name}/linear"``
+        with ``w`` ``(I + H, 4H)`` and ``b`` ``(4H,)``; or that inner dict.
+      name: the module's name (``"lstm"`` by default; ``"my_net/lstm"`` when nested).
+    """
+    p = params.get(f"{name}/linear", params)
+    w, b = jnp.asarray(p["w"]), jnp.asarray(p["b"])
+    h = w.shape[1] // 4
+    i = w.shape[0] - h
+    bb = _blocks(b, _HAIKU, 0)
+    bb["f"] = bb["f"] + jnp.asarray(1, b.dtype)
+    return _from_classic(_blocks(w[:i], _HAIKU, 1), _blocks(w[i:], _HAIKU, 1), bb)
+
+
+def to_haiku(params: LSTMParams, name: str = "lstm") -> dict:
+    """:class:`jaxlstm.LSTMParams` -> ``{f"{name}/linear": {"w", "b"}}`` for ``haiku.LSTM``.
+
+    The forget bias is stored minus 1 (Haiku adds it back). Because of that
+    shift, a round trip through Haiku is exact up to one rounding of ``b_f1 - 1``.
+    """
+    wx, wh, b = _to_classic(params)
+    b = dict(b)
+    b["f"] = b["f"] - jnp.asarray(1, b["f"].dtype)
+    w = jnp.concatenate([_join(wx, _HAIKU, 1), _join(wh, _HAIKU, 1)], axis=0)
+    return {f"{name}/linear": {"w": w, "b": _join(b, _HAIKU, 0)}}

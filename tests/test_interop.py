@@ -1,0 +1,258 @@
+"""Weight exchange with peers, proven by running both sides on the same input."""
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxlstm
+from jaxlstm import interop
+
+B, T, I, H = 3, 7, 4, 5
+F32 = dict(rtol=1e-5, atol=1e-6)
+F64 = dict(rtol=1e-10, atol=1e-12)
+
+
+def rand(shape, dtype, seed):
+    return np.random.default_rng(seed).normal(size=shape).astype(dtype)
+
+
+def assert_bitwise(a, b):
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(la) == len(lb) and jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(la, lb):
+        assert np.asarray(x).dtype == np.asarray(y).dtype
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def classic(seed=0, dtype=jnp.float32, i=I, h=H):
+    p = jaxlstm.init_params(jax.random.key(seed), i, h, output_transform=False, dtype=dtype)
+    # random biases too, so that bias handling is exercised
+    return p._replace(b=jnp.asarray(rand(p.b.shape, np.dtype(dtype), seed + 100)))
+
+
+# ------------------------------------------------------------------ seed-cell export rules
+
+
+def test_seed_cell_export_is_refused_unless_identity():
+    p = jaxlstm.init_params(jax.random.key(0), I, H)  # W_o = I, b_o = 0 at init
+    assert interop.as_classic(p).w_o is None
+    interop.to_keras(p)  # exports: it is exactly the classic cell
+    trained = p._replace(w_o=p.w_o * 1.01)
+    for export in (interop.to_keras, interop.to_flax_linen, interop.to_haiku, interop.to_equinox):
+        with pytest.raises(ValueError, match="learned output map"):
+            export(trained)
+
+
+def test_state_order_helpers():
+    s = jaxlstm.LSTMState(jnp.ones(3), jnp.zeros(3))
+    h, c = interop.state_to_hc(s)
+    np.testing.assert_array_equal(h, 0)
+    assert_bitwise(interop.state_from_hc((h, c)), s)
+
+
+# ------------------------------------------------------------------ PyTorch
+
+torch = pytest.importorskip("torch", reason="PyTorch not installed: pip install 'jaxlstm[interop]'")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("num_layers,bidirectional", [(1, False), (2, False), (2, True)])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_torch_lstm_parity(dtype, num_layers, bidirectional, batch_first):
+    torch.manual_seed(0)
+    tdt = getattr(torch, dtype)
+    m = torch.nn.LSTM(I, H, num_layers=num_layers, bidirectional=bidirectional, batch_first=batch_first).to(tdt)
+    d = 2 if bidirectional else 1
+    x = rand((B, T, I) if batch_first else (T, B, I), dtype, 1)
+    h0 = rand((num_layers * d, B, H), dtype, 2)
+    c0 = rand((num_layers * d, B, H), dtype, 3)
+    xt = torch.tensor(x, requires_grad=True)
+    out, (hn, cn) = m(xt, (torch.tensor(h0), torch.tensor(c0)))
+    (out**2).sum().backward()
+
+    layers = interop.from_torch_lstm(m)
+    states = interop.torch_states_to_jax(h0, c0, num_layers, bidirectional)
+    loss = lambda xs: jaxlstm.lstm_stack(layers, xs, states, time_major=not batch_first)
+    ys, finals = loss(jnp.asarray(x))
+    tol = F64 if dtype == "float64" else F32
+    np.testing.assert_allclose(ys, out.detach().numpy(), **tol)
+    hn_j, cn_j = interop.jax_states_to_torch(finals)
+    np.testing.assert_allclose(hn_j.numpy(), hn.detach().numpy(), **tol)
+    np.testing.assert_allclose(cn_j.numpy(), cn.detach().numpy(), **tol)
+    gx = jax.grad(lambda xs: jnp.sum(loss(xs)[0] ** 2))(jnp.asarray(x))
+    np.testing.assert_allclose(gx, xt.grad.numpy(), **tol)
+    # round trip jaxlstm -> torch -> jaxlstm is bitwise
+    sd = interop.to_torch_lstm(layers)
+    m2 = torch.nn.LSTM(I, H, num_layers=num_layers, bidirectional=bidirectional, batch_first=batch_first).to(tdt)
+    m2.load_state_dict(sd)
+    assert_bitwise(interop.from_torch_lstm(m2), layers)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_torch_packed_sequence_matches_seq_lengths(bidirectional):
+    torch.manual_seed(1)
+    m = torch.nn.LSTM(I, H, num_layers=2, bidirectional=bidirectional, batch_first=True).double()
+    lengths = [7, 4, 1]
+    x = rand((B, T, I), "float64", 4)
+    packed = torch.nn.utils.rnn.pack_padded_sequence(torch.tensor(x), lengths, batch_first=True, enforce_sorted=False)
+    out_p, (hn, cn) = m(packed)
+    out, _ = torch.nn.utils.rnn.pad_packed_sequence(out_p, batch_first=True, total_length=T)
+    layers = interop.from_torch_lstm(m)
+    ys, finals = jaxlstm.lstm_stack(layers, jnp.asarray(x), seq_lengths=jnp.asarray(lengths))
+    np.testing.assert_allclose(ys, out.detach().numpy(), **F64)  # padding is zero on both sides
+    hn_j, cn_j = interop.jax_states_to_torch(finals)
+    np.testing.assert_allclose(hn_j.numpy(), hn.detach().numpy(), **F64)
+    np.testing.assert_allclose(cn_j.numpy(), cn.detach().numpy(), **F64)
+
+
+def test_torch_cell_and_bias_false():
+    torch.manual_seed(2)
+    cell = torch.nn.LSTMCell(I, H).double()
+    x, h0, c0 = rand((B, I), "float64", 5), rand((B, H), "float64", 6), rand((B, H), "float64", 7)
+    h1, c1 = cell(torch.tensor(x), (torch.tensor(h0), torch.tensor(c0)))
+    p = interop.from_torch_cell(cell)
+    state, y = jaxlstm.lstm_step(p, jaxlstm.LSTMState(jnp.asarray(c0), jnp.asarray(h0)), jnp.asarray(x))
+    np.testing.assert_allclose(y, h1.detach().numpy(), **F64)
+    np.testing.assert_allclose(state.cell, c1.detach().numpy(), **F64)
+    assert_bitwise(interop.from_torch_cell(interop.to_torch_cell(p)), p)
+
+    nb = torch.nn.LSTM(I, H, bias=False).double()
+    layers = interop.from_torch_lstm(nb)
+    np.testing.assert_array_equal(layers[0].b, 0)
+    nb2 = torch.nn.LSTM(I, H, bias=False).double()
+    nb2.load_state_dict(interop.to_torch_lstm(layers, bias=False))
+    with pytest.raises(ValueError, match="non-zero biases"):
+        interop.to_torch_lstm((classic(dtype=jnp.float64),), bias=False)
+
+
+def test_torch_projection_refused():
+    m = torch.nn.LSTM(I, H, proj_size=2)
+    with pytest.raises(ValueError, match="proj_size > 0"):
+        interop.from_torch_lstm(m)
+
+
+# ------------------------------------------------------------------ Keras 3
+
+
+def test_keras_parity_and_round_trip(peer_promotion):
+    keras = pytest.importorskip("keras", reason="Keras not installed")
+    layer = keras.layers.LSTM(H, return_sequences=True, return_state=True)
+    x = rand((B, T, I), "float32", 8)
+    h0, c0 = rand((B, H), "float32", 9), rand((B, H), "float32", 10)
+    layer(x)  # build
+    rng = np.random.default_rng(11)
+    layer.set_weights([rng.normal(size=tuple(w.shape)).astype("float32") * 0.5 for w in layer.weights])
+    out, hn, cn = layer(x, initial_state=[h0, c0])
+    p = interop.from_keras(layer)
+    ys, final = jaxlstm.lstm(p, jnp.asarray(x), interop.state_from_hc((h0, c0)))
+    np.testing.assert_allclose(ys, np.asarray(out), **F32)
+    np.testing.assert_allclose(final.hidden, np.asarray(hn), **F32)
+    np.testing.assert_allclose(final.cell, np.asarray(cn), **F32)
+    mine = classic()
+    layer.set_weights(interop.to_keras(mine))
+    assert_bitwise(interop.from_keras(layer), mine)
+
+
+# ------------------------------------------------------------------ Flax
+
+
+@pytest.mark.parametrize("cell_name", ["LSTMCell", "OptimizedLSTMCell"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_flax_linen_parity(cell_name, dtype, peer_promotion):
+    import flax.linen as nn
+
+    cell = getattr(nn, cell_name)(H, param_dtype=dtype)
+    rnn = nn.RNN(cell, return_carry=True)
+    x = jnp.asarray(rand((B, T, I), np.dtype(dtype), 12))
+    c0, h0 = (jnp.asarray(rand((B, H), np.dtype(dtype), s)) for s in (13, 14))
+    variables = rnn.init(jax.random.key(0), x)
+    variables = jax.tree.map(lambda a: a + jnp.asarray(rand(a.shape, np.dtype(dtype), 15) * 0.1), variables)
+    (c, h), ys_flax = rnn.apply(variables, x, initial_carry=(c0, h0))
+    p = interop.from_flax_linen(variables["params"]["cell"])
+    ys, final = jaxlstm.lstm(p, x, jaxlstm.LSTMState(c0, h0))
+    tol = F64 if dtype == jnp.float64 else F32
+    np.testing.assert_allclose(ys, ys_flax, **tol)
+    np.testing.assert_allclose(final.cell, c, **tol)
+    back = interop.to_flax_linen(p)
+    assert_bitwise(back, dict(variables["params"]["cell"]))
+    mine = classic(dtype=dtype)
+    assert_bitwise(interop.from_flax_linen(interop.to_flax_linen(mine)), mine)
+
+
+@pytest.mark.parametrize("cell_name", ["LSTMCell", "OptimizedLSTMCell"])
+def test_flax_nnx_parity(cell_name, peer_promotion):
+    from flax import nnx
+
+    cell = getattr(nnx, cell_name)(I, H, rngs=nnx.Rngs(0), param_dtype=jnp.float64)
+    mine = classic(dtype=jnp.float64)
+    interop.to_flax_nnx(mine, cell)  # write our weights into the NNX cell
+    x = jnp.asarray(rand((B, T, I), "float64", 16))
+    c0, h0 = (jnp.asarray(rand((B, H), "float64", s)) for s in (17, 18))
+    (c, h), ys_nnx = nnx.RNN(cell, return_carry=True)(x, initial_carry=(c0, h0))
+    ys, final = jaxlstm.lstm(mine, x, jaxlstm.LSTMState(c0, h0))
+    np.testing.assert_allclose(ys, ys_nnx, **F64)
+    np.testing.assert_allclose(final.hidden, h, **F64)
+    assert_bitwise(interop.from_flax_nnx(cell), mine)
+    # the pure-dict form reads back the same
+    assert_bitwise(interop.from_flax_nnx(nnx.to_pure_dict(nnx.state(cell, nnx.Param))), mine)
+
+
+# ------------------------------------------------------------------ Equinox
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_equinox_parity(dtype, peer_promotion):
+    eqx = pytest.importorskip("equinox", reason="Equinox not installed")
+    cell = eqx.nn.LSTMCell(I, H, dtype=dtype, key=jax.random.key(3))
+    x = jnp.asarray(rand((T, I), np.dtype(dtype), 19))
+    h0, c0 = (jnp.asarray(rand((H,), np.dtype(dtype), s)) for s in (20, 21))
+
+    def step(carry, xt):
+        carry = cell(xt, carry)
+        return carry, carry[0]
+
+    (h, c), ys_eqx = jax.lax.scan(step, (h0, c0), x)
+    p = interop.from_equinox(cell)
+    ys, final = jaxlstm.lstm(p, x, interop.state_from_hc((h0, c0)))
+    tol = F64 if dtype == jnp.float64 else F32
+    np.testing.assert_allclose(ys, ys_eqx, **tol)
+    np.testing.assert_allclose(final.cell, c, **tol)
+    mine = classic(dtype=dtype)
+    assert_bitwise(interop.from_equinox(interop.to_equinox(mine)), mine)
+    assert_bitwise(interop.from_equinox(interop.to_equinox(mine, cell)), mine)
+
+
+# ------------------------------------------------------------------ Haiku
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_haiku_parity(dtype, peer_promotion):
+    hk = pytest.importorskip("haiku", reason="Haiku not installed")
+
+    def f(x, h0, c0):
+        core = hk.LSTM(H)
+        return hk.dynamic_unroll(core, x, hk.LSTMState(h0, c0), time_major=False)
+
+    fn = hk.without_apply_rng(hk.transform(f))
+    x = jnp.asarray(rand((B, T, I), np.dtype(dtype), 22))
+    h0, c0 = (jnp.asarray(rand((B, H), np.dtype(dtype), s)) for s in (23, 24))
+    params = fn.init(jax.random.key(0), x, h0, c0)
+    params = jax.tree.map(lambda a: a + jnp.asarray(rand(a.shape, np.dtype(dtype), 25) * 0.1), params)
+    ys_hk, state = fn.apply(params, x, h0, c0)
+    p = interop.from_haiku(params)
+    ys, final = jaxlstm.lstm(p, x, interop.state_from_hc((h0, c0)))
+    tol = F64 if dtype == jnp.float64 else F32
+    np.testing.assert_allclose(ys, ys_hk, **tol)
+    np.testing.assert_allclose(final.cell, state.cell, **tol)
+    # Haiku stores the forget bias minus one: the round trip is exact except for that rounding
+    mine = classic(dtype=dtype)
+    back = interop.from_haiku(interop.to_haiku(mine))
+    assert_bitwise(back._replace(b=None), mine._replace(b=None))
+    eps = float(jnp.finfo(dtype).eps)
+    np.testing.assert_allclose(back.b, mine.b, rtol=0, atol=2 * eps)
+    np.testing.assert_array_equal(back.b[H:], mine.b[H:])

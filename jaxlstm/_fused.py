@@ -26,7 +26,7 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from ._cell import _add_bias, _step
+from ._cell import _pre, _step, _update, stacked_weight
 from ._params import LSTMParams, LSTMState
 
 Array = jax.Array
@@ -48,18 +48,11 @@ def _masked(hidden, mask):
 
 def _forward_with_residuals(params: LSTMParams, xs, state: LSTMState, steps, lengths, mask, reverse: bool, unroll):
     """Forward scan that also emits what the backward pass needs."""
-    h = params.hidden_size
+    w = stacked_weight(params)
 
     def body(s, inputs):
         x, t = inputs
-        pre = _add_bias(_masked(s.hidden, mask) @ params.w_h + x @ params.w_x, params.b)
-        f1 = jax.nn.sigmoid(pre[..., :h])
-        g = jnp.tanh(pre[..., h : 2 * h])
-        f2 = jax.nn.sigmoid(pre[..., 2 * h : 3 * h])
-        f3 = jax.nn.sigmoid(pre[..., 3 * h :])
-        cell = f1 * s.cell + g * f2
-        u = jnp.tanh(cell) if params.w_o is None else jnp.tanh(_add_bias(cell @ params.w_o, params.b_o))
-        hidden = u * f3
+        cell, hidden, (f1, g, f2, f3), u = _update(params, s.cell, _pre(params, _masked(s.hidden, mask), x, w))
         valid = _valid(t, lengths)
         if valid is not None:
             cell = jnp.where(valid, cell, s.cell)
@@ -158,9 +151,11 @@ def _add_params(a: LSTMParams, b: LSTMParams) -> LSTMParams:
 
 
 def _plain_forward(params, xs, state, steps, lengths, mask, reverse, unroll):
+    w = stacked_weight(params)
+
     def body(s, inputs):
         x, t = inputs
-        new, y = _step(params, s, x, mask)
+        new, y = _step(params, s, x, mask, w)
         valid = _valid(t, lengths)
         if valid is None:
             return new, y

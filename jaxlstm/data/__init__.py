@@ -1,0 +1,1 @@
+"""Data shipped with jaxlstm (see README.md in this folder)."""

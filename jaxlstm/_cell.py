@@ -13,6 +13,8 @@ The classic cell replaces ``tanh(W_o c^t + b_o)`` by ``tanh(c^t)``.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -133,12 +135,21 @@ def _cell_output(params: LSTMParams, cell: Array) -> Array:
     return jnp.tanh(_add_bias(cell @ params.w_o, params.b_o))
 
 
-def stacked_weight(params: LSTMParams) -> Array:
-    """``[w_h; w_x]`` ``(H + I, 4H)``: one matmul of ``[a, x]`` per step inside a scan.
+#: Above this many ``[a, x]`` entries per step (``B * (H + I)``) the per-step concatenation
+#: costs more than the second matmul launch it saves (measured with benchmarks/speed.py).
+STACKED_MAX_ELEMENTS = 65536
 
-    Built once outside the loop; one larger matmul per step beats two small ones
-    (fewer kernel launches per step on CPU, one GEMM on accelerators).
+
+def stacked_weight(params: LSTMParams, xs: Array):
+    """``[w_h; w_x]`` ``(H + I, 4H)`` for one matmul of ``[a, x]`` per step, or ``None``.
+
+    Built once outside the loop. One larger matmul per step beats two small
+    ones at small and medium sizes (fewer kernels per step); for large
+    ``B * (H + I)`` the per-step concatenation costs more, and two matmuls are used.
     """
+    batch = math.prod(xs.shape[1:-1])
+    if batch * (params.hidden_size + params.input_size) > STACKED_MAX_ELEMENTS:
+        return None
     return jnp.concatenate([params.w_h, params.w_x], axis=0)
 
 

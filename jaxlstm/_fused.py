@@ -48,7 +48,7 @@ def _masked(hidden, mask):
 
 def _forward_with_residuals(params: LSTMParams, xs, state: LSTMState, steps, lengths, mask, reverse: bool, unroll):
     """Forward scan that also emits what the backward pass needs."""
-    w = stacked_weight(params)
+    w = stacked_weight(params, xs)
 
     def body(s, inputs):
         x, t = inputs
@@ -151,7 +151,7 @@ def _add_params(a: LSTMParams, b: LSTMParams) -> LSTMParams:
 
 
 def _plain_forward(params, xs, state, steps, lengths, mask, reverse, unroll):
-    w = stacked_weight(params)
+    w = stacked_weight(params, xs)
 
     def body(s, inputs):
         x, t = inputs

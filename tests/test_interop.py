@@ -57,13 +57,16 @@ def test_state_order_helpers():
 
 # ------------------------------------------------------------------ PyTorch
 
-torch = pytest.importorskip("torch", reason="PyTorch not installed: pip install 'jaxlstm[interop]'")
+@pytest.fixture
+def torch():
+    """PyTorch, or a visible skip where it is not installed (only the PyTorch tests need it)."""
+    return pytest.importorskip("torch", reason="PyTorch not installed: pip install 'jaxlstm[interop]'")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("num_layers,bidirectional", [(1, False), (2, False), (2, True)])
 @pytest.mark.parametrize("batch_first", [True, False])
-def test_torch_lstm_parity(dtype, num_layers, bidirectional, batch_first):
+def test_torch_lstm_parity(torch, dtype, num_layers, bidirectional, batch_first):
     torch.manual_seed(0)
     tdt = getattr(torch, dtype)
     m = torch.nn.LSTM(I, H, num_layers=num_layers, bidirectional=bidirectional, batch_first=batch_first).to(tdt)
@@ -94,7 +97,7 @@ def test_torch_lstm_parity(dtype, num_layers, bidirectional, batch_first):
 
 
 @pytest.mark.parametrize("bidirectional", [False, True])
-def test_torch_packed_sequence_matches_seq_lengths(bidirectional):
+def test_torch_packed_sequence_matches_seq_lengths(torch, bidirectional):
     torch.manual_seed(1)
     m = torch.nn.LSTM(I, H, num_layers=2, bidirectional=bidirectional, batch_first=True).double()
     lengths = [7, 4, 1]
@@ -110,7 +113,7 @@ def test_torch_packed_sequence_matches_seq_lengths(bidirectional):
     np.testing.assert_allclose(cn_j.numpy(), cn.detach().numpy(), **F64)
 
 
-def test_torch_cell_and_bias_false():
+def test_torch_cell_and_bias_false(torch):
     torch.manual_seed(2)
     cell = torch.nn.LSTMCell(I, H).double()
     x, h0, c0 = rand((B, I), "float64", 5), rand((B, H), "float64", 6), rand((B, H), "float64", 7)
@@ -130,7 +133,7 @@ def test_torch_cell_and_bias_false():
         interop.to_torch_lstm((classic(dtype=jnp.float64),), bias=False)
 
 
-def test_torch_projection_refused():
+def test_torch_projection_refused(torch):
     m = torch.nn.LSTM(I, H, proj_size=2)
     with pytest.raises(ValueError, match="proj_size > 0"):
         interop.from_torch_lstm(m)

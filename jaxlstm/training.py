@@ -256,7 +256,9 @@ class Checkpointer:
             create=True,
         )
         self.save_every = save_every
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options, item_handlers=ocp.StandardCheckpointHandler()
+        )
 
     def save(self, step: int, tree, *, force: bool = False) -> bool:
         if not force and (not self.save_every or step % self.save_every):
@@ -274,6 +276,17 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}.")
+        # compare shapes first: a mismatched restore fails deep inside orbax's async reads
+        meta = self._manager.item_metadata(step)
+        meta = getattr(meta, "tree", meta)
+        saved = sorted(tuple(m.shape) for m in jax.tree.leaves(meta) if hasattr(m, "shape"))
+        wanted = sorted(tuple(np.shape(a)) for a in jax.tree.leaves(template))
+        if saved != wanted:
+            raise ValueError(
+                f"the checkpoint at step {step} in {self.directory} holds arrays of other shapes than this model "
+                f"({len(saved)} saved arrays vs {len(wanted)} expected; first differences: "
+                f"{[p for p in zip(saved, wanted) if p[0] != p[1]][:3]})."
+            )
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.result_type(a)), template)
         return self._manager.restore(step, args=self._ocp.args.StandardRestore(abstract))
 

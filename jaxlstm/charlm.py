@@ -183,8 +183,6 @@ def sample(model: CharLM, params, vocab: str, prompt: str, length: int, temperat
 
 
 def _state(cfg: Config):
-    import optax  # noqa: F401  (optimizer built by training.default_optimizer)
-
     model = build(cfg)
     params = model.init(jax.random.key(cfg.seed), jnp.zeros((1, cfg.seq_len), jnp.int32))["params"]
     tx = training.default_optimizer(cfg.learning_rate, total_steps=cfg.steps)

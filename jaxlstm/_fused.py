@@ -42,6 +42,14 @@ def _valid(steps_t, lengths):
     return None if lengths is None else (steps_t < lengths)[..., None]
 
 
+def _hold(valid, new: LSTMState, old: LSTMState) -> tuple[LSTMState, Array]:
+    """Masked step: past a sequence's length keep the old state and output zeros."""
+    if valid is None:
+        return new, new.hidden
+    held = LSTMState(jnp.where(valid, new.cell, old.cell), jnp.where(valid, new.hidden, old.hidden))
+    return held, jnp.where(valid, new.hidden, jnp.zeros_like(new.hidden))
+
+
 def _masked(hidden, mask):
     return hidden if mask is None else hidden * mask
 
@@ -53,16 +61,10 @@ def _forward_with_residuals(params: LSTMParams, xs, state: LSTMState, steps, len
     def body(s, inputs):
         x, t = inputs
         cell, hidden, (f1, g, f2, f3), u = _update(params, s.cell, _pre(params, _masked(s.hidden, mask), x, w))
-        valid = _valid(t, lengths)
-        if valid is not None:
-            cell = jnp.where(valid, cell, s.cell)
-            hidden = jnp.where(valid, hidden, s.hidden)
-            out = jnp.where(valid, hidden, jnp.zeros_like(hidden))
-        else:
-            out = hidden
+        new, out = _hold(_valid(t, lengths), LSTMState(cell, hidden), s)
         gates = jnp.concatenate([f1, g, f2, f3], axis=-1)
-        res = (gates, cell, None if params.w_o is None else u)
-        return LSTMState(cell, hidden), (out, res)
+        res = (gates, new.cell, None if params.w_o is None else u)
+        return new, (out, res)
 
     final, (hs, (gates, cells, u)) = jax.lax.scan(body, state, (xs, steps), reverse=reverse, unroll=unroll)
     return hs, final, _Residuals(gates, cells, u)
@@ -155,12 +157,8 @@ def _plain_forward(params, xs, state, steps, lengths, mask, reverse, unroll):
 
     def body(s, inputs):
         x, t = inputs
-        new, y = _step(params, s, x, mask, w)
-        valid = _valid(t, lengths)
-        if valid is None:
-            return new, y
-        new = LSTMState(jnp.where(valid, new.cell, s.cell), jnp.where(valid, new.hidden, s.hidden))
-        return new, jnp.where(valid, y, jnp.zeros_like(y))
+        new, _ = _step(params, s, x, mask, w)
+        return _hold(_valid(t, lengths), new, s)
 
     final, hs = jax.lax.scan(body, state, (xs, steps), reverse=reverse, unroll=unroll)
     return hs, final

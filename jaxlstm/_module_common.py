@@ -59,11 +59,7 @@ def run(
     xs = jnp.asarray(xs)
     cdt = compute_dtype(xs, dtype, param_dtype)
     layers = cast_tree(layers, cdt)
-    if initial_state is not None:
-        if len(initial_state) != len(layers):
-            raise ValueError(
-                f"initial_state must hold one state per layer ({len(layers)}); received {len(initial_state)}."
-            )
+    if initial_state is not None:  # lstm_stack checks there is one per layer
         initial_state = tuple(None if s is None else cast_tree(s, cdt) for s in initial_state)
     return lstm_stack(
         layers,

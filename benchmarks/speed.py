@@ -6,7 +6,7 @@
 For each size (B, T, I, H) every implementation is compiled and warmed up,
 then timed in alternating rounds (each round measures every implementation
 once, in a rotating order; a measurement repeats a call until it lasts about
-30 ms), with ``block_until_ready``; the reported time is the median over
+100 ms), with ``block_until_ready``; the reported time is the median over
 rounds. Two workloads: the forward pass, and a training step
 (forward + backward of ``sum(outputs ** 2)`` with respect to the weights).
 
@@ -174,9 +174,9 @@ def _time_once(fn, args, calls: int = 1) -> float:
     return (time.perf_counter() - t0) / calls
 
 
-def _calls_for(fn, args, target_s: float = 0.03) -> int:
+def _calls_for(fn, args, target_s: float = 0.1) -> int:
     """Calls per measurement so that one measurement lasts about ``target_s`` (short calls are noisy)."""
-    return max(1, min(50, int(target_s / max(_time_once(fn, args), 1e-6))))
+    return max(1, min(200, int(target_s / max(_time_once(fn, args), 1e-6))))
 
 
 def matmul_rate(n: int = 2048, repeats: int = 7) -> float:
@@ -300,7 +300,7 @@ def save(results: dict, out: pathlib.Path) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small grid, few rounds (under two minutes)")
-    parser.add_argument("--rounds", type=int, default=None, help="timed rounds per size (default 9, quick 5)")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds per size (default 15, quick 5)")
     parser.add_argument("--sizes", type=str, default=None, help="e.g. '8,512,64,128;1,1000,32,128'")
     parser.add_argument("--impls", type=str, default=None, help="comma-separated subset of: " + ", ".join(IMPLEMENTATIONS))
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
@@ -309,7 +309,7 @@ def main(argv=None) -> int:
     grid = QUICK_GRID if args.quick else FULL_GRID
     if args.sizes:
         grid = [tuple(int(v) for v in s.split(",")) for s in args.sizes.split(";")]
-    rounds = args.rounds or (5 if args.quick else 9)
+    rounds = args.rounds or (5 if args.quick else 15)
     names = list(IMPLEMENTATIONS) if not args.impls else [n.strip() for n in args.impls.split(",")]
     unknown = [n for n in names if n not in IMPLEMENTATIONS]
     if unknown:

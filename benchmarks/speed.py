@@ -261,6 +261,41 @@ def table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: The project's speed floors for the classic cell's training step vs Flax (issue "Speed"),
+#: by (B, T, I, H); every other size must be at least 1.0x.
+TRAIN_FLOORS = {(1, 1000, 32, 128): 1.3, (8, 512, 64, 128): 1.8, (32, 256, 128, 512): 1.15}
+FORWARD_NOISE = 0.97  # forward "never slower": ratios down to this count as noise
+SEED_MARGIN = 0.15  # the seed cell may cost its extra FLOPs H / (4 (I + H)) plus this, over the classic cell
+
+
+def floor_checks(results: dict) -> str:
+    """The floors, checked on this run's medians: one line per size, ``ok`` or ``MISSED``."""
+    by = {(tuple(r["size"]), r["impl"]): r for r in results["rows"] if "skipped" not in r}
+    lines = []
+    for size in dict.fromkeys(tuple(r["size"]) for r in results["rows"]):
+        classic, seed = by.get((size, "jaxlstm classic")), by.get((size, "jaxlstm seed"))
+        if classic is None or "train_speedup" not in classic:
+            continue
+        B, T, I, H = size
+        parts = []
+        floor = TRAIN_FLOORS.get(size, 1.0)
+        parts.append(_check(f"classic train {classic['train_speedup']:.2f}x", classic["train_speedup"] >= floor, f">= {floor}x"))
+        parts.append(_check(f"classic forward {classic['forward_speedup']:.2f}x", classic["forward_speedup"] >= FORWARD_NOISE, f">= {FORWARD_NOISE}x"))
+        if seed is not None:
+            allowed = 1 + H / (4 * (I + H)) + SEED_MARGIN
+            for kind in ("forward", "train"):
+                cost = seed[f"{kind}_s"] / classic[f"{kind}_s"]
+                parts.append(_check(f"seed/classic {kind} {cost:.2f}", cost <= allowed, f"<= {allowed:.2f}"))
+        lines.append(f"- ({', '.join(map(str, size))}): " + "; ".join(parts))
+    if not lines:
+        return ""
+    return "\nFloors on this run (speedups vs Flax `nn.RNN(OptimizedLSTMCell)`):\n\n" + "\n".join(lines) + "\n"
+
+
+def _check(text: str, ok: bool, bound: str) -> str:
+    return f"{text} ({bound}: {'ok' if ok else 'MISSED'})"
+
+
 def chart(results: dict, path: pathlib.Path) -> None:
     import matplotlib
 
@@ -292,7 +327,7 @@ def chart(results: dict, path: pathlib.Path) -> None:
 def save(results: dict, out: pathlib.Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "speed.json").write_text(json.dumps(results, indent=1))
-    (out / "speed.md").write_text(table(results))
+    (out / "speed.md").write_text(table(results) + floor_checks(results))
     if any("train_speedup" in r for r in results["rows"]):
         chart(results, out / "speed.png")
 
@@ -340,7 +375,7 @@ def main(argv=None) -> int:
     finally:
         bar.close()
     save(results, args.out)
-    print(table(results))
+    print(table(results) + floor_checks(results))
     print(f"written: {args.out / 'speed.md'}, speed.json, speed.png")
     return 0
 

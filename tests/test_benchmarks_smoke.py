@@ -27,3 +27,29 @@ def test_adding_problem_script_runs(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     data = json.loads((tmp_path / "adding_T10.json").read_text())
     assert len(data["curve"]) == 3 and data["baseline_mse"] > 0.16
+
+
+def _row(size, impl, fwd_s, train_s, base):
+    return dict(size=list(size), impl=impl, forward_s=fwd_s, train_s=train_s,
+                forward_speedup=base[0] / fwd_s, train_speedup=base[1] / train_s)
+
+
+def test_floor_checks_flag_a_missed_floor():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import speed
+    finally:
+        sys.path.pop(0)
+    size = (8, 512, 64, 128)  # floor 1.8x for training; seed may cost 1 + 128/768 + 0.15 = 1.317x
+    base = (10.0, 90.0)
+    rows = [_row(size, "flax OptimizedLSTMCell", *base, base),
+            _row(size, "jaxlstm classic", 10.0, 45.0, base),  # train 2.0x, forward 1.0x
+            _row(size, "jaxlstm seed", 14.0, 60.0, base)]  # forward 1.40 (over), train 1.33 (over)
+    text = speed.floor_checks({"rows": rows})
+    assert "classic train 2.00x (>= 1.8x: ok)" in text
+    assert "classic forward 1.00x (>= 0.97x: ok)" in text
+    assert "seed/classic forward 1.40 (<= 1.32: MISSED)" in text
+    assert "seed/classic train 1.33 (<= 1.32: MISSED)" in text
+    rows[1] = _row(size, "jaxlstm classic", 10.5, 60.0, base)  # train 1.5x < 1.8x, forward 0.95x
+    text = speed.floor_checks({"rows": rows})
+    assert "classic train 1.50x (>= 1.8x: MISSED)" in text and "classic forward 0.95x (>= 0.97x: MISSED)" in text

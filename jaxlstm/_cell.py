@@ -153,27 +153,13 @@ def stacked_weight(params: LSTMParams, xs: Array):
     return jnp.concatenate([params.w_h, params.w_x], axis=0)
 
 
-def _linear(params: LSTMParams, hidden_in: Array, x: Array, w_stacked=None) -> Array:
-    """``[a, x] @ [w_h; w_x]`` (no bias), ``(..., 4H)``."""
-    if w_stacked is None:
-        return hidden_in @ params.w_h + x @ params.w_x
-    return jnp.concatenate([hidden_in, x], axis=-1) @ w_stacked
-
-
 def _pre(params: LSTMParams, hidden_in: Array, x: Array, w_stacked=None) -> Array:
     """``[a, x] @ [w_h; w_x] + b``, ``(..., 4H)``."""
-    return _add_bias(_linear(params, hidden_in, x, w_stacked), params.b)
-
-
-def _activations(params: LSTMParams, pre: Array):
-    """``(f1, g, f2, f3)``: the gate nonlinearities of the pre-activations ``(..., 4H)``."""
-    h = params.hidden_size
-    return (
-        jax.nn.sigmoid(pre[..., :h]),
-        jnp.tanh(pre[..., h : 2 * h]),
-        jax.nn.sigmoid(pre[..., 2 * h : 3 * h]),
-        jax.nn.sigmoid(pre[..., 3 * h :]),
-    )
+    if w_stacked is None:
+        y = hidden_in @ params.w_h + x @ params.w_x
+    else:
+        y = jnp.concatenate([hidden_in, x], axis=-1) @ w_stacked
+    return _add_bias(y, params.b)
 
 
 def _update(params: LSTMParams, cell_prev: Array, pre: Array):
@@ -182,7 +168,11 @@ def _update(params: LSTMParams, cell_prev: Array, pre: Array):
     Returns ``(cell, hidden, gates, u)``: ``gates`` are ``[f1 | g | f2 | f3]``
     after their nonlinearities and ``u`` is ``tanh(c @ w_o + b_o)`` (or ``tanh(c)``).
     """
-    f1, g, f2, f3 = _activations(params, pre)
+    h = params.hidden_size
+    f1 = jax.nn.sigmoid(pre[..., :h])
+    g = jnp.tanh(pre[..., h : 2 * h])
+    f2 = jax.nn.sigmoid(pre[..., 2 * h : 3 * h])
+    f3 = jax.nn.sigmoid(pre[..., 3 * h :])
     cell = f1 * cell_prev + g * f2
     u = _cell_output(params, cell)
     return cell, u * f3, (f1, g, f2, f3), u

@@ -91,7 +91,8 @@ def _backward_scan(params: LSTMParams, res: _Residuals, first_cell, dhs, d_final
     Each step reads its gates and writes its gate gradient ``dG`` at the same
     index of the same buffer (and ``dZ`` over ``u`` for the seed cell), so the
     backward pass allocates no ``(T, *B, 4H)`` array of its own: on the CPU a
-    fresh large buffer costs a page fault per 4 KiB on every call. The previous
+    fresh large buffer costs a page fault per 4 KiB on every call
+    (benchmarks/cpu_effects.py). The previous
     cell state is read by index (``first_cell`` before the first processed step)
     rather than from a shifted copy.
     """
@@ -99,7 +100,8 @@ def _backward_scan(params: LSTMParams, res: _Residuals, first_cell, dhs, d_final
     seed = params.w_o is not None
     last = res.cells.shape[0] - 1
     # Transposed once, outside the loop: a per-step ``d @ w.T`` on the CPU is a
-    # transposed-operand matmul, measured ~1.8x slower than ``d @ w_t`` at B=8, H=128.
+    # transposed-operand matmul, measured ~2x slower than ``d @ w_t`` at B=8, H=128
+    # (benchmarks/cpu_effects.py).
     w_h_t = params.w_h.T
     w_o_t = params.w_o.T if seed else None
 
@@ -109,13 +111,12 @@ def _backward_scan(params: LSTMParams, res: _Residuals, first_cell, dhs, d_final
         # ``gates`` and ``u`` of step i were read at the end of the previous iteration,
         # after that iteration's write: a read of row i before the write to row i
         # makes XLA copy the whole buffer on every step.
-        cell = res.cells[i]
         if reverse:  # the step processed before i is i + 1 (held steps keep the initial cell)
             cp = jnp.where(i == last, first_cell, res.cells[jnp.minimum(i + 1, last)])
         else:
             cp = jnp.where(i == 0, first_cell, res.cells[jnp.maximum(i - 1, 0)])
         f1, g, f2, f3 = (gates[..., k * h : (k + 1) * h] for k in range(4))
-        u = u_read if seed else jnp.tanh(cell)
+        u = u_read if seed else jnp.tanh(res.cells[i])
         dh = dh_next + dy
         d_f3 = dh * u
         dz = dh * f3 * (1 - u * u)

@@ -53,3 +53,11 @@ def test_floor_checks_flag_a_missed_floor():
     rows[1] = _row(size, "jaxlstm classic", 10.5, 60.0, base)  # train 1.5x < 1.8x, forward 0.95x
     text = speed.floor_checks({"rows": rows})
     assert "classic train 1.50x (>= 1.8x: MISSED)" in text and "classic forward 0.95x (>= 0.97x: MISSED)" in text
+
+
+def test_cpu_effects_script_writes_its_table(tmp_path):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "cpu_effects.py"), "--rounds", "2", "--out", str(tmp_path)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    text = (tmp_path / "cpu_effects.md").read_text()
+    assert "us/step" in text and "fresh buffer vs in place" in text

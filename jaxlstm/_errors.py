@@ -12,6 +12,22 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def describe(value) -> str:
+    """A short description of ``value`` for an error message: never an array's repr or a bare class name."""
+    shape = getattr(value, "shape", None)
+    dtype = getattr(value, "dtype", None)
+    if shape is not None and dtype is not None:
+        return f"an array of shape {tuple(shape)} and dtype {jnp.dtype(dtype).name}"
+    if value is None:
+        return "None"
+    if isinstance(value, (bool, int, float, str)):
+        return f"{value!r} ({type(value).__name__})"
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of {len(value)} items"
+    cls = type(value)
+    return f"a {cls.__qualname__}" if cls.__module__ == "builtins" else f"a {cls.__module__}.{cls.__qualname__}"
+
+
 def check_floating(dtype, what: str) -> None:
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(
@@ -55,7 +71,7 @@ def check_state(state, batch_shape: tuple, hidden_size: int, dtype):
 
     if not (isinstance(state, tuple) and len(state) == 2):
         raise TypeError(
-            f"state must be a jaxlstm.LSTMState(cell, hidden); received {type(state).__name__}. "
+            f"state must be a jaxlstm.LSTMState(cell, hidden); received {describe(state)}. "
             "Use jaxlstm.zero_state(params, batch_shape) for a zero state."
         )
     state = LSTMState(*(jnp.asarray(s) for s in state))

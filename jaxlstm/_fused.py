@@ -303,8 +303,27 @@ def _checkpointed_bwd(reverse, unroll, k, saved, cotangents):
 _checkpointed.defvjp(_checkpointed_fwd, _checkpointed_bwd)
 
 
+def _without_padding(xs, lengths):
+    """Lengths clamped to ``[0, T]`` and the padded steps of ``xs`` zeroed.
+
+    Padded steps never reach the outputs, but their inputs still pass through
+    the step's arithmetic (the state is held afterwards). A NaN or inf there
+    would turn into a NaN gradient (``0 * nan``) in both backward passes, so
+    the padding is replaced by zeros first; its gradient is zero.
+    """
+    num_steps = xs.shape[0]
+    lengths = jnp.clip(lengths, 0, num_steps)
+    steps = jnp.arange(num_steps, dtype=jnp.int32).reshape((num_steps,) + (1,) * lengths.ndim)
+    valid = (steps < lengths[None])[..., None]
+    return jnp.where(valid, xs, jnp.zeros((), xs.dtype)), lengths
+
+
 def scan_time_major(params, xs, state, lengths, mask, *, reverse, unroll, backward, checkpoint_every):
     """Dispatch to the autodiff scan, the fused backward, or the chunked fused backward."""
+    if xs.shape[0] == 0:  # nothing to scan: no outputs, the state passes through (and so does its gradient)
+        return jnp.zeros(xs.shape[:-1] + (params.hidden_size,), xs.dtype), state
+    if lengths is not None:
+        xs, lengths = _without_padding(xs, lengths)
     if mask is not None:
         mask = jax.lax.stop_gradient(mask)
     if backward == "autodiff":

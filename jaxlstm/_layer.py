@@ -149,15 +149,24 @@ def lstm(
     _check_backward(backward, checkpoint_every)
     if recurrent_mask is not None:
         recurrent_mask = _errors.check_mask(recurrent_mask, state.hidden.shape, params.dtype)
-    return _lstm_jit(
-        params,
-        xs,
-        state,
-        lengths,
-        recurrent_mask,
-        reverse=bool(reverse),
-        time_major=bool(time_major),
-        unroll=unroll,
-        backward=backward,
-        checkpoint_every=checkpoint_every,
-    )
+    try:
+        return _lstm_jit(
+            params,
+            xs,
+            state,
+            lengths,
+            recurrent_mask,
+            reverse=bool(reverse),
+            time_major=bool(time_major),
+            unroll=unroll,
+            backward=backward,
+            checkpoint_every=checkpoint_every,
+        )
+    except TypeError as e:
+        if "forward-mode" not in str(e):
+            raise
+        raise TypeError(
+            f'forward-mode differentiation (jax.jvp, jax.jacfwd, jax.hessian) reached the hand-written backward pass '
+            f'(backward="{backward}"), which supports reverse mode only. Pass backward="autodiff" to '
+            "jaxlstm.lstm (or the stack, bidirectional layer or module) for forward mode."
+        ) from None

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from . import _errors
-from ._params import LSTMState
+from ._params import LSTMState, _positive_int
 from ._stack import _merge_fn, lstm_stack
 
 
@@ -21,6 +21,7 @@ def merged_size(merge, hidden_size: int) -> int:
 def layer_input_sizes(input_size: int, hidden_size: int, num_layers: int, bidirectional: bool, merge) -> list[int]:
     if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
         raise ValueError(f"num_layers must be a positive int; received {num_layers!r}.")
+    _positive_int(hidden_size, "hidden_size")
     out = hidden_size if not bidirectional else merged_size(merge, hidden_size)
     return [input_size] + [out] * (num_layers - 1)
 

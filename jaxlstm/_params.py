@@ -211,18 +211,37 @@ def layer_initializers(
         b = base_bias(key, shape, dtype)
         return b.at[: shape[0] // 4].add(jnp.asarray(forget_bias, dtype))
 
-    return {
+    inits = {
         "w_h": recurrent_init or default_recurrent_init(),
         "w_x": kernel_init or jax.nn.initializers.glorot_uniform(),
         "b": b_init,
         "w_o": output_init or _identity_init,
         "b_o": output_bias_init or jax.nn.initializers.zeros,
     }
+    return {name: _in_float32_at_least(init) for name, init in inits.items()}
+
+
+def _in_float32_at_least(init: Initializer) -> Initializer:
+    """Run ``init`` in float32 for a half-precision dtype, then cast.
+
+    Some initializers cannot run in half precision (the orthogonal one needs a
+    QR decomposition, which LAPACK has only for float32 and wider), and
+    float32 draws rounded once are the better half-precision weights anyway.
+    """
+
+    def init_fn(key, shape, dtype=jnp.float32):
+        dtype = jnp.dtype(dtype)
+        if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32:
+            return init(key, shape, jnp.float32).astype(dtype)
+        return init(key, shape, dtype)
+
+    return init_fn
 
 
 def param_shapes(input_size: int, hidden_size: int, output_transform: bool) -> dict[str, tuple[int, ...]]:
     """Shapes of the fields of :class:`LSTMParams` (only the present ones)."""
-    h = hidden_size
+    input_size = _positive_int(input_size, "input_size")
+    h = _positive_int(hidden_size, "hidden_size")
     shapes = {"w_h": (h, 4 * h), "w_x": (input_size, 4 * h), "b": (4 * h,)}
     if output_transform:
         shapes.update(w_o=(h, h), b_o=(h,))
@@ -372,17 +391,17 @@ def check_params(params) -> LSTMParams:
     """Validate the internal consistency of an :class:`LSTMParams` (static shapes only)."""
     if not isinstance(params, LSTMParams):
         raise TypeError(
-            f"expected jaxlstm.LSTMParams; received {type(params).__name__}. "
+            f"expected jaxlstm.LSTMParams; received {_errors.describe(params)}. "
             "Build one with jaxlstm.init_params or jaxlstm.params_from_gates."
         )
     w_h, w_x, b = params.w_h, params.w_x, params.b
     if getattr(w_h, "ndim", None) != 2 or w_h.shape[1] != 4 * w_h.shape[0]:
-        raise ValueError(f"LSTMParams.w_h must have shape (H, 4H); received {getattr(w_h, 'shape', w_h)}.")
+        raise ValueError(f"LSTMParams.w_h must have shape (H, 4H); received {_errors.describe(w_h)}.")
     h = w_h.shape[0]
     if getattr(w_x, "ndim", None) != 2 or w_x.shape[1] != 4 * h:
-        raise ValueError(f"LSTMParams.w_x must have shape (I, {4 * h}) to match w_h {w_h.shape}; received {getattr(w_x, 'shape', w_x)}.")
+        raise ValueError(f"LSTMParams.w_x must have shape (I, {4 * h}) to match w_h {w_h.shape}; received {_errors.describe(w_x)}.")
     if getattr(b, "shape", None) != (4 * h,):
-        raise ValueError(f"LSTMParams.b must have shape ({4 * h},); received {getattr(b, 'shape', b)}.")
+        raise ValueError(f"LSTMParams.b must have shape ({4 * h},); received {_errors.describe(b)}.")
     if (params.w_o is None) != (params.b_o is None):
         raise ValueError("LSTMParams: w_o and b_o must both be set (seed cell) or both be None (classic cell).")
     if params.w_o is not None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 
+from . import _errors
 from ._layer import lstm
 from ._params import LSTMParams, LSTMState, init_params
 
@@ -56,6 +58,17 @@ def _dropout_mask(key, rate: float, shape, dtype) -> Array:
     """Inverted-dropout multiplier: ``bernoulli(1 - rate) / (1 - rate)``."""
     keep = jax.random.bernoulli(key, 1.0 - rate, shape)
     return jnp.where(keep, jnp.asarray(1.0 / (1.0 - rate), dtype), jnp.asarray(0.0, dtype))
+
+
+@contextlib.contextmanager
+def _naming(prefix: str):
+    """Prefix the message of a ``ValueError``/``TypeError`` raised inside, so it names the layer or direction."""
+    try:
+        yield
+    except (ValueError, TypeError) as e:
+        if type(e) not in (ValueError, TypeError):  # subclasses may not take a message alone
+            raise
+        raise type(e)(prefix + str(e)) from None
 
 
 def _batch_shape(xs, time_major: bool) -> tuple:
@@ -109,22 +122,34 @@ def bidirectional(
     """
     if not isinstance(params, BidirectionalParams):
         raise TypeError(
-            f"bidirectional expects jaxlstm.BidirectionalParams(forward, backward); received {type(params).__name__}."
+            f"bidirectional expects jaxlstm.BidirectionalParams(forward, backward); received {_errors.describe(params)}."
         )
     merge_fn = _merge_fn(merge)
+    for name, p in (("forward", params.forward), ("backward", params.backward)):
+        if not isinstance(p, LSTMParams):
+            raise TypeError(f"BidirectionalParams.{name} must be jaxlstm.LSTMParams; received {_errors.describe(p)}.")
+    h_f, h_b = params.forward.hidden_size, params.backward.hidden_size
+    if h_f != h_b and not callable(merge) and merge != "concat":
+        raise ValueError(
+            f"merge={merge!r} adds or multiplies the two directions element by element, so both need one hidden "
+            f"size; received forward hidden_size {h_f} and backward hidden_size {h_b}. Build both directions with "
+            "the same hidden_size, or use merge='concat'."
+        )
     fwd_state = bwd_state = None
     if state is not None:
         if not (isinstance(state, tuple) and len(state) == 2):
             raise TypeError(
-                f"state of a bidirectional layer must be BidirectionalState(forward, backward); received {type(state).__name__}."
+                f"state of a bidirectional layer must be BidirectionalState(forward, backward); received {_errors.describe(state)}."
             )
         fwd_state, bwd_state = state
     kw = dict(
         seq_lengths=seq_lengths, time_major=time_major, unroll=unroll, backward=backward, checkpoint_every=checkpoint_every
     )
     mask_f, mask_b = (None, None) if recurrent_masks is None else recurrent_masks
-    ys_f, final_f = lstm(params.forward, xs, fwd_state, recurrent_mask=mask_f, **kw)
-    ys_b, final_b = lstm(params.backward, xs, bwd_state, reverse=True, recurrent_mask=mask_b, **kw)
+    with _naming("bidirectional: forward direction: "):
+        ys_f, final_f = lstm(params.forward, xs, fwd_state, recurrent_mask=mask_f, **kw)
+    with _naming("bidirectional: backward direction: "):
+        ys_b, final_b = lstm(params.backward, xs, bwd_state, reverse=True, recurrent_mask=mask_b, **kw)
     return merge_fn(ys_f, ys_b), BidirectionalState(final_f, final_b)
 
 
@@ -266,23 +291,32 @@ def lstm_stack(
         )
         if not isinstance(layer, (BidirectionalParams, LSTMParams)):
             raise TypeError(
-                f"lstm_stack: layer {n} is a {type(layer).__name__}; expected LSTMParams or BidirectionalParams."
+                f"lstm_stack: layer {n} is {_errors.describe(layer)}; expected LSTMParams or BidirectionalParams."
             )
         k_out, k_fwd, k_bwd = jax.random.split(key, 3) if key is not None else (None, None, None)
-        if isinstance(layer, BidirectionalParams):
-            masks = None
-            if use_recurrent:
-                masks = tuple(
-                    _dropout_mask(k, recurrent_dropout_rate, batch + (p.hidden_size,), p.dtype)
-                    for k, p in ((k_fwd, layer.forward), (k_bwd, layer.backward))
-                )
-            ys, final = bidirectional(layer, ys, state, merge=merge, recurrent_masks=masks, **kw)
-        else:
-            mask = None
-            if use_recurrent:
-                mask = _dropout_mask(k_fwd, recurrent_dropout_rate, batch + (layer.hidden_size,), layer.dtype)
-            ys, final = lstm(layer, ys, state, reverse=reverse, recurrent_mask=mask, **kw)
+        with _naming(f"lstm_stack: layer {n}: "):
+            ys, final = _stack_layer(
+                layer, ys, state, k_fwd, k_bwd, batch, merge, reverse, use_recurrent, recurrent_dropout_rate, kw
+            )
         if use_dropout and n < len(layers) - 1:
             ys = ys * _dropout_mask(k_out, dropout_rate, ys.shape, ys.dtype)
         finals.append(final)
     return ys, tuple(finals)
+
+
+def _stack_layer(layer, ys, state, k_fwd, k_bwd, batch, merge, reverse, use_recurrent, recurrent_dropout_rate, kw):
+    """One layer of :func:`lstm_stack`, with its recurrent dropout masks."""
+    if isinstance(layer, BidirectionalParams):
+        masks = None
+        if use_recurrent:
+            masks = tuple(
+                _dropout_mask(k, recurrent_dropout_rate, batch + (p.hidden_size,), p.dtype)
+                for k, p in ((k_fwd, layer.forward), (k_bwd, layer.backward))
+            )
+        ys, final = bidirectional(layer, ys, state, merge=merge, recurrent_masks=masks, **kw)
+    else:
+        mask = None
+        if use_recurrent:
+            mask = _dropout_mask(k_fwd, recurrent_dropout_rate, batch + (layer.hidden_size,), layer.dtype)
+        ys, final = lstm(layer, ys, state, reverse=reverse, recurrent_mask=mask, **kw)
+    return ys, final

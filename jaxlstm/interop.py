@@ -33,6 +33,7 @@ and the PyTorch state helpers convert.
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 from typing import Any, Mapping, Optional, Sequence
 
@@ -40,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._errors import describe as _describe
 from ._params import LSTMParams, LSTMState, check_params
 from ._stack import BidirectionalParams, BidirectionalState
 
@@ -72,17 +74,44 @@ _OURS = ("f", "g", "i", "o")
 # ------------------------------------------------------------------ classic-gate core
 
 
-def _blocks(a, order: Sequence[str], axis: int) -> dict:
-    parts = jnp.split(jnp.asarray(a), 4, axis=axis)
+def _blocks(a, order: Sequence[str], axis: int, what: str = "weights") -> dict:
+    a = jnp.asarray(a)
+    if a.ndim <= axis % max(a.ndim, 1) or a.shape[axis] == 0 or a.shape[axis] % 4:
+        raise ValueError(
+            f"{what}: expected an array with 4H entries along axis {axis} (four gate blocks); received shape {a.shape}."
+        )
+    parts = jnp.split(a, 4, axis=axis)
     return dict(zip(order, parts))
+
+
+def _get(tree: Mapping, path: Sequence[str], what: str):
+    """``tree[path[0]][path[1]]...`` with a message naming the missing entry and what is there."""
+    node = tree
+    for depth, key in enumerate(path):
+        if not isinstance(node, Mapping) or key not in node:
+            have = sorted(node) if isinstance(node, Mapping) else _describe(node)
+            where = "/".join(path[:depth]) or "the top level"
+            raise ValueError(f"{what}: no {key!r} under {where} (found {have}); is this the right kind of cell?")
+        node = node[key]
+    return node
 
 
 def _join(blocks: Mapping[str, Any], order: Sequence[str], axis: int):
     return jnp.concatenate([jnp.asarray(blocks[g]) for g in order], axis=axis)
 
 
-def _from_classic(wx: Mapping, wh: Mapping, b: Mapping) -> LSTMParams:
+def _from_classic(wx: Mapping, wh: Mapping, b: Mapping, what: str = "converter") -> LSTMParams:
     """Per-gate blocks in row-vector orientation (``wx[g]`` ``(I, H)``, ``wh[g]`` ``(H, H)``, ``b[g]`` ``(H,)``)."""
+    wx, wh, b = ({g: jnp.asarray(m[g]) for g in _OURS} for m in (wx, wh, b))
+    h = wh["f"].shape[-1] if wh["f"].ndim == 2 else -1
+    i = wx["f"].shape[0] if wx["f"].ndim == 2 else -1
+    for name, blocks, shape in (("input kernel", wx, (i, h)), ("recurrent kernel", wh, (h, h)), ("bias", b, (h,))):
+        for g in _OURS:
+            if blocks[g].shape != shape or h < 1 or i < 1:
+                raise ValueError(
+                    f"{what}: the {name} block of gate {g!r} has shape {blocks[g].shape}; expected {shape} "
+                    f"(input size {i}, hidden size {h}). Nothing is broadcast: the weights do not describe one LSTM."
+                )
     params = LSTMParams(_join(wh, _OURS, 1), _join(wx, _OURS, 1), _join(b, _OURS, 0))
     return check_params(params)
 
@@ -149,13 +178,30 @@ def _state_dict(src) -> dict:
     return {k: np.asarray(v.detach().cpu().numpy()) if hasattr(v, "detach") else np.asarray(v) for k, v in src.items()}
 
 
-def _torch_layer(sd: dict, suffix: str) -> LSTMParams:
-    w_ih, w_hh = sd[f"weight_ih{suffix}"], sd[f"weight_hh{suffix}"]
+def _shape_of(sd: dict, key: str, expected: tuple, what: str) -> np.ndarray:
+    """``sd[key]``, checked to have ``expected`` shape (``None`` entries match any size)."""
+    if key not in sd:
+        raise ValueError(f"{what}: the state_dict has no {key!r} (present: {sorted(sd)}).")
+    a = sd[key]
+    ok = a.ndim == len(expected) and all(e is None or e == n for e, n in zip(expected, a.shape))
+    if not ok:
+        want = "(" + ", ".join("*" if e is None else str(e) for e in expected) + ("," if len(expected) == 1 else "") + ")"
+        raise ValueError(f"{what}: {key} has shape {a.shape}; expected {want}. Nothing is broadcast or truncated.")
+    return a
+
+
+def _torch_layer(sd: dict, suffix: str, input_size: Optional[int] = None, what: str = "torch LSTM") -> LSTMParams:
+    w_hh = _shape_of(sd, f"weight_hh{suffix}", (None, None), what)
     h = w_hh.shape[1]
-    if w_hh.shape[0] != 4 * h:
-        raise ValueError(f"weight_hh{suffix} has shape {w_hh.shape}; expected (4H, H).")
-    if f"bias_ih{suffix}" in sd:
-        b = sd[f"bias_ih{suffix}"] + sd[f"bias_hh{suffix}"]
+    if h < 1 or w_hh.shape[0] != 4 * h:
+        raise ValueError(f"{what}: weight_hh{suffix} has shape {w_hh.shape}; expected (4H, H).")
+    w_ih = _shape_of(sd, f"weight_ih{suffix}", (4 * h, input_size), what)
+    biases = [k for k in (f"bias_ih{suffix}", f"bias_hh{suffix}") if k in sd]
+    if len(biases) == 1:
+        missing = ({f"bias_ih{suffix}", f"bias_hh{suffix}"} - set(biases)).pop()
+        raise ValueError(f"{what}: {biases[0]} is present but {missing} is missing; give both biases or neither.")
+    if biases:
+        b = _shape_of(sd, biases[0], (4 * h,), what) + _shape_of(sd, biases[1], (4 * h,), what)
     else:
         b = np.zeros((4 * h,), w_ih.dtype)
     order = ("i", "f", "g", "o")
@@ -170,10 +216,16 @@ def _refuse_projection(sd: dict) -> None:
         )
 
 
+_TORCH_KEY = re.compile(r"^(weight_ih|weight_hh|bias_ih|bias_hh)_l(\d+)(_reverse)?$")
+
+
 def from_torch_lstm(src) -> tuple:
     """A ``torch.nn.LSTM`` (module or ``state_dict``) -> layers for :func:`jaxlstm.lstm_stack`.
 
-    ``num_layers``, ``bidirectional`` and ``bias`` are read from the weights.
+    ``num_layers``, ``bidirectional`` and ``bias`` are read from the weights,
+    and every key and shape is checked: a missing or unexpected key, a gap in
+    the layer numbers, or a shape that does not fit raises a ``ValueError``
+    naming it (nothing is broadcast or dropped).
     ``batch_first`` is not part of the weights: run the layers with
     ``time_major=not batch_first``.
 
@@ -181,14 +233,45 @@ def from_torch_lstm(src) -> tuple:
       A tuple of :class:`jaxlstm.LSTMParams` (or :class:`jaxlstm.BidirectionalParams`
       for a bidirectional LSTM), one per layer, in the weights' dtype.
     """
+    what = "from_torch_lstm"
     sd = _state_dict(src)
     _refuse_projection(sd)
-    num_layers = 1 + max(int(k.split("_l")[1].split("_")[0]) for k in sd if k.startswith("weight_ih_l"))
+    if not sd:
+        raise ValueError(f"{what}: the state_dict is empty; pass a torch.nn.LSTM or its state_dict().")
+    unknown = sorted(k for k in sd if not _TORCH_KEY.match(k))
+    if unknown:
+        raise ValueError(
+            f"{what}: unexpected keys {unknown}; a torch.nn.LSTM state_dict holds only weight_ih_lK, weight_hh_lK, "
+            "bias_ih_lK, bias_hh_lK (and their _reverse twins). For a torch.nn.LSTMCell use from_torch_cell; "
+            "for a model holding an LSTM, pass the LSTM submodule."
+        )
+    numbers = {int(_TORCH_KEY.match(k).group(2)) for k in sd}
+    num_layers = max(numbers) + 1
     bidirectional = any(k.endswith("_reverse") for k in sd)
-    layers = []
+    with_bias = any(k.startswith("bias") for k in sd)
+    names = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if with_bias else [])
+    expected = {f"{n}_l{k}{d}" for k in range(num_layers) for n in names for d in ([""] + (["_reverse"] if bidirectional else []))}
+    missing = sorted(expected - set(sd), key=lambda k: (int(_TORCH_KEY.match(k).group(2)), k))
+    if missing:
+        raise ValueError(
+            f"{what}: the state_dict describes {num_layers} layer(s){' (bidirectional)' if bidirectional else ''}"
+            f"{' with biases' if with_bias else ''} but lacks {missing}. Pass the complete state_dict of one torch.nn.LSTM."
+        )
+    layers: list = []
+    size, hidden = None, None  # layer k > 0 takes D * H inputs
     for k in range(num_layers):
-        fwd = _torch_layer(sd, f"_l{k}")
-        layers.append(BidirectionalParams(fwd, _torch_layer(sd, f"_l{k}_reverse")) if bidirectional else fwd)
+        directions = [_torch_layer(sd, f"_l{k}", size, what)]
+        if bidirectional:
+            directions.append(_torch_layer(sd, f"_l{k}_reverse", directions[0].input_size, what))
+        hidden = directions[0].hidden_size if hidden is None else hidden
+        for p in directions:
+            if p.hidden_size != hidden:
+                raise ValueError(
+                    f"{what}: layer {k} has hidden size {p.hidden_size} where layer 0 has {hidden}; "
+                    "the layers of one torch.nn.LSTM share one hidden_size."
+                )
+        layers.append(BidirectionalParams(*directions) if bidirectional else directions[0])
+        size = len(directions) * hidden
     return tuple(layers)
 
 
@@ -236,7 +319,14 @@ def to_torch_lstm(layers, *, bias: bool = True) -> "OrderedDict":
 
 def from_torch_cell(src) -> LSTMParams:
     """A ``torch.nn.LSTMCell`` (module or ``state_dict``) -> :class:`jaxlstm.LSTMParams`."""
-    return _torch_layer(_state_dict(src), "")
+    sd = _state_dict(src)
+    unknown = sorted(set(sd) - {"weight_ih", "weight_hh", "bias_ih", "bias_hh"})
+    if unknown:
+        raise ValueError(
+            f"from_torch_cell: unexpected keys {unknown}; a torch.nn.LSTMCell state_dict holds weight_ih, weight_hh, "
+            "bias_ih and bias_hh. For a torch.nn.LSTM use from_torch_lstm."
+        )
+    return _torch_layer(sd, "", None, "from_torch_cell")
 
 
 def to_torch_cell(params: LSTMParams, *, bias: bool = True) -> "OrderedDict":
@@ -292,7 +382,13 @@ def from_keras(src) -> LSTMParams:
         raise ValueError(f"expected [kernel, recurrent_kernel(, bias)]; received {len(weights)} arrays.")
     kernel, recurrent = weights[:2]
     bias = weights[2] if len(weights) == 3 else np.zeros((kernel.shape[1],), kernel.dtype)
-    return _from_classic(_blocks(kernel, _KERAS, 1), _blocks(recurrent, _KERAS, 1), _blocks(bias, _KERAS, 0))
+    what = "from_keras"
+    return _from_classic(
+        _blocks(kernel, _KERAS, 1, f"{what} kernel"),
+        _blocks(recurrent, _KERAS, 1, f"{what} recurrent_kernel"),
+        _blocks(bias, _KERAS, 0, f"{what} bias"),
+        what,
+    )
 
 
 def to_keras(params: LSTMParams, *, use_bias: bool = True) -> list:
@@ -319,10 +415,11 @@ def from_flax_linen(cell_params: Mapping) -> LSTMParams:
     (e.g. ``variables["params"]["cell"]`` for ``nn.RNN(cell)``).
     """
     p = cell_params.get("params", cell_params)
-    wx = {g: p[f"i{g}"]["kernel"] for g in _FLAX}
-    wh = {g: p[f"h{g}"]["kernel"] for g in _FLAX}
-    b = {g: p[f"h{g}"]["bias"] for g in _FLAX}
-    return _from_classic(wx, wh, b)
+    what = "from_flax_linen"
+    wx = {g: _get(p, (f"i{g}", "kernel"), what) for g in _FLAX}
+    wh = {g: _get(p, (f"h{g}", "kernel"), what) for g in _FLAX}
+    b = {g: _get(p, (f"h{g}", "bias"), what) for g in _FLAX}
+    return _from_classic(wx, wh, b, what)
 
 
 def to_flax_linen(params: LSTMParams) -> dict:
@@ -351,18 +448,20 @@ def from_flax_nnx(src) -> LSTMParams:
     ``OptimizedLSTMCell`` has two, ``dense_i`` ``(I, 4H)`` and ``dense_h``
     ``(H, 4H)`` with bias, blocks in the order i, f, g, o.
     """
+    what = "from_flax_nnx"
     p = _pure(src)
     if "dense_i" in p:
         return _from_classic(
-            _blocks(p["dense_i"]["kernel"], _FLAX, 1),
-            _blocks(p["dense_h"]["kernel"], _FLAX, 1),
-            _blocks(p["dense_h"]["bias"], _FLAX, 0),
+            _blocks(_get(p, ("dense_i", "kernel"), what), _FLAX, 1, what),
+            _blocks(_get(p, ("dense_h", "kernel"), what), _FLAX, 1, what),
+            _blocks(_get(p, ("dense_h", "bias"), what), _FLAX, 0, what),
+            what,
         )
     name = {"i": "ii", "f": "if_", "g": "ig", "o": "io"}
-    wx = {g: p[name[g]]["kernel"] for g in _FLAX}
-    wh = {g: p[f"h{g}"]["kernel"] for g in _FLAX}
-    b = {g: p[f"h{g}"]["bias"] for g in _FLAX}
-    return _from_classic(wx, wh, b)
+    wx = {g: _get(p, (name[g], "kernel"), what) for g in _FLAX}
+    wh = {g: _get(p, (f"h{g}", "kernel"), what) for g in _FLAX}
+    b = {g: _get(p, (f"h{g}", "bias"), what) for g in _FLAX}
+    return _from_classic(wx, wh, b, what)
 
 
 def to_flax_nnx(params: LSTMParams, cell=None, *, optimized: bool = False) -> dict:
@@ -389,9 +488,23 @@ def to_flax_nnx(params: LSTMParams, cell=None, *, optimized: bool = False) -> di
             pure[f"h{g}"] = {"kernel": wh[g], "bias": b[g]}
     if cell is not None:
         state = nnx.state(cell, nnx.Param)
+        _check_same_shapes(nnx.to_pure_dict(state), pure, "to_flax_nnx")
         nnx.replace_by_pure_dict(state, pure)
         nnx.update(cell, state)
     return pure
+
+
+def _check_same_shapes(old: Any, new: Any, what: str) -> None:
+    """Refuse to write weights of one size into a cell of another (nothing is broadcast)."""
+    old_leaves = jax.tree_util.tree_leaves_with_path(old)
+    new_leaves = dict(jax.tree_util.tree_leaves_with_path(new))
+    for path, a in old_leaves:
+        b = new_leaves.get(path)
+        if b is not None and jnp.shape(a) != jnp.shape(b):
+            raise ValueError(
+                f"{what}: the cell's {jax.tree_util.keystr(path)} has shape {jnp.shape(a)} but the params give "
+                f"{jnp.shape(b)}; build the cell with the params' sizes (input_size, hidden_size) or leave cell=None."
+            )
 
 
 # ------------------------------------------------------------------ Equinox
@@ -401,7 +514,13 @@ def from_equinox(cell) -> LSTMParams:
     """``equinox.nn.LSTMCell`` -> :class:`jaxlstm.LSTMParams`."""
     order = ("i", "f", "g", "o")
     b = cell.bias if cell.bias is not None else jnp.zeros((cell.weight_ih.shape[0],), cell.weight_ih.dtype)
-    return _from_classic(_blocks(cell.weight_ih.T, order, 1), _blocks(cell.weight_hh.T, order, 1), _blocks(b, order, 0))
+    what = "from_equinox"
+    return _from_classic(
+        _blocks(cell.weight_ih.T, order, 1, f"{what} weight_ih"),
+        _blocks(cell.weight_hh.T, order, 1, f"{what} weight_hh"),
+        _blocks(b, order, 0, f"{what} bias"),
+        what,
+    )
 
 
 def to_equinox(params: LSTMParams, cell=None):
@@ -414,6 +533,12 @@ def to_equinox(params: LSTMParams, cell=None):
     wx, wh, b = _to_classic(params)
     order = ("i", "f", "g", "o")
     new = (_join(wx, order, 1).T, _join(wh, order, 1).T, _join(b, order, 0))
+    for name, old, fresh in zip(("weight_ih", "weight_hh", "bias"), (cell.weight_ih, cell.weight_hh, cell.bias), new):
+        if old is not None and old.shape != fresh.shape:
+            raise ValueError(
+                f"to_equinox: the cell's {name} has shape {old.shape} but the params give {fresh.shape}; build the "
+                "cell with the params' input_size and hidden_size, or leave cell=None."
+            )
     if cell.bias is None:
         if bool(jnp.any(new[2] != 0)):
             raise ValueError("this Equinox cell has use_bias=False but the params have non-zero biases.")
@@ -438,13 +563,16 @@ def from_haiku(params: Mapping, name: str = "lstm") -> LSTMParams:
         with ``w`` ``(I + H, 4H)`` and ``b`` ``(4H,)``; or that inner dict.
       name: the module's name (``"lstm"`` by default; ``"my_net/lstm"`` when nested).
     """
+    what = "from_haiku"
     p = params.get(f"{name}/linear", params)
-    w, b = jnp.asarray(p["w"]), jnp.asarray(p["b"])
+    w, b = jnp.asarray(_get(p, ("w",), what)), jnp.asarray(_get(p, ("b",), what))
+    if w.ndim != 2 or w.shape[1] % 4 or w.shape[0] <= w.shape[1] // 4:
+        raise ValueError(f"{what}: w has shape {w.shape}; expected (I + H, 4H) with I >= 1.")
     h = w.shape[1] // 4
     i = w.shape[0] - h
-    bb = _blocks(b, _HAIKU, 0)
+    bb = _blocks(b, _HAIKU, 0, f"{what} b")
     bb["f"] = bb["f"] + jnp.asarray(1, b.dtype)
-    return _from_classic(_blocks(w[:i], _HAIKU, 1), _blocks(w[i:], _HAIKU, 1), bb)
+    return _from_classic(_blocks(w[:i], _HAIKU, 1, what), _blocks(w[i:], _HAIKU, 1, what), bb, what)
 
 
 def to_haiku(params: LSTMParams, name: str = "lstm") -> dict:

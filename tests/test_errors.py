@@ -107,7 +107,7 @@ def test_sizes_must_be_ints():
 
 
 def test_not_params():
-    with pytest.raises(TypeError, match="expected jaxlstm.LSTMParams; received dict"):
+    with pytest.raises(TypeError, match="expected jaxlstm.LSTMParams; received a dict"):
         jaxlstm.lstm({"w": 1}, XS)
 
 
@@ -126,3 +126,39 @@ def test_bad_unroll_and_stack_arguments():
         jaxlstm.lstm_stack([P], XS, states=[None, None])
     with pytest.raises(ValueError, match="num_layers must be a positive int"):
         jaxlstm.init_stack(jax.random.key(0), 3, 4, num_layers=0)
+
+
+def test_messages_describe_arrays_without_class_names_or_reprs():
+    """An array where a state or params belong is named by shape and dtype, never 'ArrayImpl' or its values."""
+    big = jnp.arange(4000.0, dtype=jnp.float32).reshape(40, 100)
+    for call in (
+        lambda: jaxlstm.lstm(P, XS, jnp.zeros((2, 4), jnp.float32)),
+        lambda: jaxlstm.lstm(P._replace(w_x=big), XS),
+        lambda: jaxlstm.lstm(big, XS),
+    ):
+        with pytest.raises((TypeError, ValueError)) as info:
+            call()
+        msg = str(info.value)
+        assert "ArrayImpl" not in msg and "3999" not in msg and len(msg) < 400, msg
+    with pytest.raises(TypeError, match=r"received an array of shape \(2, 4\) and dtype float32"):
+        jaxlstm.lstm(P, XS, jnp.zeros((2, 4), jnp.float32))
+
+
+def test_stack_errors_name_the_layer_and_direction():
+    layers = jaxlstm.init_stack(jax.random.key(0), 3, 4, num_layers=3)
+    bad = (layers[0], layers[1], layers[2]._replace(w_x=layers[2].w_x[:3]))
+    with pytest.raises(ValueError, match=r"^lstm_stack: layer 2: xs has 4 features"):
+        jaxlstm.lstm_stack(bad, XS)
+    bi = jaxlstm.init_stack(jax.random.key(0), 3, 4, num_layers=2, bidirectional=True)
+    state = (None, jaxlstm.BidirectionalState(jaxlstm.zero_state(4, (2,)), jaxlstm.zero_state(4, (3,))))
+    with pytest.raises(ValueError, match=r"^lstm_stack: layer 1: bidirectional: backward direction: state.cell"):
+        jaxlstm.lstm_stack(bi, XS, state)
+
+
+def test_bidirectional_hidden_sizes_must_match_for_elementwise_merges():
+    p = jaxlstm.BidirectionalParams(jaxlstm.init_params(jax.random.key(0), 3, 4), jaxlstm.init_params(jax.random.key(1), 3, 5))
+    for merge in ("sum", "mean", "mul"):
+        with pytest.raises(ValueError, match="forward hidden_size 4 and backward hidden_size 5"):
+            jaxlstm.bidirectional(p, XS, merge=merge)
+    ys, _ = jaxlstm.bidirectional(p, XS, merge="concat")  # well defined: 4 + 5 features
+    assert ys.shape == (2, 5, 9)

@@ -146,3 +146,65 @@ def test_recurrent_mask_forward_and_gradients(checkpoint_every, reverse):
     _, g_ref = grads_of(p, xs, s0, w_out, w_c, backward="autodiff", **kw)
     _, g = grads_of(p, xs, s0, w_out, w_c, checkpoint_every=checkpoint_every, **kw)
     assert_trees_close(g, g_ref, rtol=1e-10)
+
+
+# ------------------------------------------------------------------ padding, empty sequences, traced lengths
+
+BACKWARDS = [dict(backward="fused"), dict(backward="fused", checkpoint_every=2), dict(backward="autodiff"),
+             dict(backward="autodiff", checkpoint_every=3)]
+
+
+@pytest.mark.parametrize("kw", BACKWARDS, ids=lambda k: "-".join(str(v) for v in k.values()))
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("poison", [np.nan, np.inf])
+def test_padding_never_reaches_values_or_gradients(kw, reverse, poison):
+    """NaN or inf in the padded steps (t >= L) changes nothing: same values, finite and equal gradients."""
+    p, xs, s0, w_out, w_c, _ = problem(3, 3, 7, 2, 4, True, np.float64)
+    lengths = jnp.array([7, 4, 0])
+    pad = jnp.arange(7)[None, :, None] >= lengths[:, None, None]
+    poisoned = jnp.where(pad, jnp.asarray(poison, xs.dtype), xs)
+    clean = jnp.where(pad, jnp.zeros((), xs.dtype), xs)
+    (v_bad, g_bad) = grads_of(p, poisoned, s0, w_out, w_c, seq_lengths=lengths, reverse=reverse, **kw)
+    (v_ok, g_ok) = grads_of(p, clean, s0, w_out, w_c, seq_lengths=lengths, reverse=reverse, **kw)
+    assert all(bool(jnp.isfinite(a).all()) for a in jax.tree.leaves(g_bad))
+    np.testing.assert_array_equal(v_bad, v_ok)
+    assert_trees_close(g_bad, g_ok, rtol=0.0)
+    assert bool((jnp.where(pad, g_bad[1], 0) == 0).all())  # the padding gets no gradient
+
+
+@pytest.mark.parametrize("kw", BACKWARDS, ids=lambda k: "-".join(str(v) for v in k.values()))
+@pytest.mark.parametrize("seed_cell", [True, False])
+def test_empty_sequence_gradients(kw, seed_cell):
+    """T = 0: no outputs, the state passes through; every backward gives zero weight gradients."""
+    p, _, s0, _, w_c, _ = problem(4, 2, 1, 3, 5, seed_cell, np.float64)
+    xs = jnp.zeros((2, 0, 3))
+
+    def loss(p, s0):
+        hs, final = jaxlstm.lstm(p, xs, s0, **kw)
+        return jnp.sum(final.cell * w_c) + jnp.sum(final.hidden) + jnp.sum(hs)
+
+    gp, gs = jax.grad(loss, argnums=(0, 1))(p, s0)
+    assert all(bool((a == 0).all()) for a in jax.tree.leaves(gp))
+    np.testing.assert_array_equal(gs.cell, w_c)
+    np.testing.assert_array_equal(gs.hidden, jnp.ones_like(s0.hidden))
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_traced_out_of_range_lengths_are_clamped(reverse):
+    """Under jit lengths cannot be checked: they are clamped to [0, T], as documented in jaxlstm.lstm."""
+    p, xs, s0, _, _, _ = problem(5, 3, 6, 2, 4, True, np.float64)
+    run = jax.jit(lambda L: jaxlstm.lstm(p, xs, s0, seq_lengths=L, reverse=reverse))
+    hs_bad, final_bad = run(jnp.array([9, -3, 4]))
+    hs_ok, final_ok = jaxlstm.lstm(p, xs, s0, seq_lengths=jnp.array([6, 0, 4]), reverse=reverse)
+    np.testing.assert_array_equal(hs_bad, hs_ok)
+    assert_trees_close(final_bad, final_ok, rtol=0.0)
+    with pytest.raises(ValueError, match=r"seq_lengths must lie in \[0, T\]"):  # concrete values are checked
+        jaxlstm.lstm(p, xs, s0, seq_lengths=jnp.array([9, -3, 4]))
+
+
+def test_forward_mode_on_the_fused_backward_names_the_fix():
+    p, xs, s0, _, _, _ = problem(6, 2, 3, 2, 3, True, np.float64)
+    with pytest.raises(TypeError, match='backward="autodiff"'):
+        jax.jvp(lambda p: jaxlstm.lstm(p, xs)[0], (p,), (p,))
+    out, tangent = jax.jvp(lambda p: jaxlstm.lstm(p, xs, backward="autodiff")[0], (p,), (p,))
+    assert tangent.shape == out.shape

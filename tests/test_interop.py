@@ -259,3 +259,69 @@ def test_haiku_parity(dtype, peer_promotion):
     eps = float(jnp.finfo(dtype).eps)
     np.testing.assert_allclose(back.b, mine.b, rtol=0, atol=2 * eps)
     np.testing.assert_array_equal(back.b[H:], mine.b[H:])
+
+
+# ------------------------------------------------------------------ converters check every key and shape
+
+
+def torch_like_state_dict(num_layers=2, bidirectional=False, i=I, h=H):
+    """A torch.nn.LSTM state_dict built with NumPy (the checks need no PyTorch)."""
+    sd = {}
+    for k in range(num_layers):
+        size = i if k == 0 else h * (2 if bidirectional else 1)
+        for d in ("", "_reverse") if bidirectional else ("",):
+            sd[f"weight_ih_l{k}{d}"] = rand((4 * h, size), np.float32, k)
+            sd[f"weight_hh_l{k}{d}"] = rand((4 * h, h), np.float32, k + 1)
+            sd[f"bias_ih_l{k}{d}"] = rand((4 * h,), np.float32, k + 2)
+            sd[f"bias_hh_l{k}{d}"] = rand((4 * h,), np.float32, k + 3)
+    return sd
+
+
+def test_torch_state_dict_is_checked_key_by_key():
+    good = torch_like_state_dict(bidirectional=True)
+    assert len(interop.from_torch_lstm(good)) == 2
+    cases = {
+        "lacks \\['weight_ih_l1'\\]": lambda sd: sd.pop("weight_ih_l1"),
+        "lacks \\['bias_hh_l0_reverse'\\]": lambda sd: sd.pop("bias_hh_l0_reverse"),
+        r"bias_ih_l0 has shape \(1,\); expected \(20,\)": lambda sd: sd.update(bias_ih_l0=np.zeros(1, np.float32)),
+        r"weight_ih_l1 has shape \(20, 5\); expected \(20, 10\)": lambda sd: sd.update(
+            weight_ih_l1=np.zeros((20, 5), np.float32)
+        ),
+        "unexpected keys \\['fc.weight'\\]": lambda sd: sd.update({"fc.weight": np.zeros(2)}),
+    }
+    for match, mutate in cases.items():
+        sd = dict(good)
+        mutate(sd)
+        with pytest.raises(ValueError, match=match):
+            interop.from_torch_lstm(sd)
+    with pytest.raises(ValueError, match="the state_dict is empty"):
+        interop.from_torch_lstm({})
+    sd = {k: v for k, v in good.items() if "_l1" not in k}  # a whole layer missing in the middle is caught too
+    sd.update({k.replace("_l0", "_l2"): v for k, v in sd.items() if "_l0" in k})
+    with pytest.raises(ValueError, match="describes 3 layer"):
+        interop.from_torch_lstm(sd)
+
+
+def test_dict_converters_name_missing_entries_and_refuse_odd_shapes():
+    p = classic()
+    with pytest.raises(ValueError, match="from_flax_linen: no 'kernel' under ii"):
+        interop.from_flax_linen({**interop.to_flax_linen(p), "ii": {}})
+    with pytest.raises(ValueError, match="from_haiku: no 'b'"):
+        interop.from_haiku({"lstm/linear": {"w": np.zeros((I + H, 4 * H))}})
+    kernel, recurrent, bias = interop.to_keras(p)
+    with pytest.raises(ValueError, match=r"from_keras bias: expected an array with 4H entries.*\(1,\)"):
+        interop.from_keras([kernel, recurrent, np.zeros(1, np.float32)])
+    with pytest.raises(ValueError, match="from_keras: the .* block of gate .* Nothing is broadcast"):
+        interop.from_keras([kernel, recurrent[:, :-4], bias])
+
+
+def test_writing_into_a_cell_of_another_size_is_refused(peer_promotion):
+    import equinox as eqx
+    from flax import nnx
+
+    p = classic()  # I = 4, H = 5
+    for cell in (nnx.LSTMCell(I, 8, rngs=nnx.Rngs(0)), nnx.OptimizedLSTMCell(I, 8, rngs=nnx.Rngs(0))):
+        with pytest.raises(ValueError, match="to_flax_nnx: the cell's .* has shape"):
+            interop.to_flax_nnx(p, cell)
+    with pytest.raises(ValueError, match=r"to_equinox: the cell's weight_ih has shape \(32, 4\)"):
+        interop.to_equinox(p, eqx.nn.LSTMCell(I, 8, key=jax.random.key(0)))

@@ -310,3 +310,29 @@ def test_bfloat16_compute_close_to_float32(api):
     # bf16 has an 8-bit mantissa: documented tolerance 5e-2 absolute on outputs in (-1, 1)
     np.testing.assert_allclose(np.asarray(y16, np.float32), y32, atol=5e-2)
     assert float(jnp.abs(y16.astype(jnp.float32) - y32).mean()) < 1e-2
+
+
+@pytest.mark.parametrize("api", ["linen", "nnx"])
+def test_half_precision_param_dtype_initialises(api):
+    """param_dtype=bfloat16 initialises (in float32, then rounded) and runs."""
+    xs = jnp.ones((2, 5, 3), jnp.bfloat16)
+    if api == "linen":
+        model = jl.LSTM(4, param_dtype=jnp.bfloat16)
+        variables = model.init(jax.random.key(0), xs)
+        ys = model.apply(variables, xs)
+        leaves = jax.tree.leaves(variables)
+    else:
+        model = jn.LSTM(3, 4, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+        ys = model(xs)
+        leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+    assert {a.dtype for a in leaves} == {jnp.dtype(jnp.bfloat16)}
+    assert ys.shape == (2, 5, 4) and bool(jnp.isfinite(ys.astype(jnp.float32)).all())
+
+
+@pytest.mark.parametrize("api", ["linen", "nnx"])
+def test_zero_hidden_size_is_a_clear_error(api):
+    with pytest.raises(ValueError, match="hidden_size must be a positive int; received 0"):
+        if api == "linen":
+            jl.LSTM(0).init(jax.random.key(0), jnp.ones((2, 3, 4)))
+        else:
+            jn.LSTM(4, 0, rngs=nnx.Rngs(0))

@@ -93,3 +93,26 @@ def test_params_are_pytrees():
     assert len(jax.tree.leaves(classic)) == 3
     doubled = jax.tree.map(lambda a: 2 * a, classic)
     assert isinstance(doubled, jaxlstm.LSTMParams) and doubled.w_o is None
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("seed_cell", [True, False])
+def test_half_precision_init_is_the_float32_init_rounded(dtype, seed_cell):
+    """LAPACK has no half-precision QR: the orthogonal init runs in float32, then the weights are cast."""
+    key = jax.random.key(3)
+    half = jaxlstm.init_params(key, 5, 8, output_transform=seed_cell, dtype=dtype)
+    full = jaxlstm.init_params(key, 5, 8, output_transform=seed_cell, dtype=jnp.float32)
+    assert half.dtype == jnp.dtype(dtype)
+    for a, b in zip(jax.tree.leaves(half), jax.tree.leaves(full)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b.astype(dtype)))
+    # the recurrent blocks are still orthogonal to the precision of the dtype
+    w = np.asarray(half.w_h[:, :8], np.float64)
+    np.testing.assert_allclose(w.T @ w, np.eye(8), atol=4 * float(jnp.finfo(dtype).eps) * 8)
+
+
+@pytest.mark.parametrize("bad", [0, -2])
+def test_sizes_must_be_positive(bad):
+    with pytest.raises(ValueError, match="hidden_size must be a positive int; received"):
+        jaxlstm.init_params(jax.random.key(0), 3, bad)
+    with pytest.raises(ValueError, match="input_size must be a positive int; received"):
+        jaxlstm.init_params(jax.random.key(0), bad, 3)

@@ -103,7 +103,11 @@ def lstm(
       seq_lengths: optional ``(B,)`` integers in ``[0, T]`` (a scalar for an
         unbatched sequence). Steps ``t >= L`` leave the state unchanged and
         output zeros; the final state is the state after the last valid step
-        (the initial state when ``L = 0``).
+        (the initial state when ``L = 0``). Whatever the padded steps of
+        ``xs`` hold (NaN and inf included) never reaches the outputs or the
+        gradients. Concrete lengths outside ``[0, T]`` raise a ``ValueError``;
+        traced ones (inside ``jax.jit``) cannot be checked and are clamped to
+        ``[0, T]``.
       reverse: process time backwards. With ``seq_lengths``, each sequence's
         valid prefix runs from its last valid step to its first (the padding
         stays at the end). Outputs are always in the input's time order.

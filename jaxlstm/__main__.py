@@ -1,5 +1,6 @@
 import sys
 
-from ._cli import main
+from ._cli import main, setup_process
 
+setup_process()
 sys.exit(main())

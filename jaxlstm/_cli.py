@@ -1,10 +1,24 @@
-"""The ``jaxlstm`` command line."""
+"""The ``jaxlstm`` command line.
+
+Every failure ends in one line on stderr and a non-zero exit code: 2 for a
+problem with the input (options, files, folders, runs), 1 for anything else,
+130 / 143 when stopped by SIGINT / SIGTERM. ``JAXLSTM_DEBUG=1`` shows the
+traceback of an unexpected error.
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import signal
 import sys
+import threading
 import time
+from typing import Optional
+
+EXIT_INPUT = 2
+EXIT_ERROR = 1
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -37,98 +51,199 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train(args: argparse.Namespace) -> int:
-    import pathlib
+#: train options -> Config fields (the value None means "not given on the command line")
+_TRAIN_FIELDS = {
+    "text": "text",
+    "steps": "steps",
+    "batch_size": "batch_size",
+    "seq_len": "seq_len",
+    "hidden_size": "hidden_size",
+    "embed_dim": "embed_dim",
+    "layers": "num_layers",
+    "lr": "learning_rate",
+    "seed": "seed",
+    "eval_every": "eval_every",
+    "save_every": "save_every",
+}
 
+
+def _train(args: argparse.Namespace) -> int:
     from . import charlm
 
-    cfg = charlm.Config(
-        embed_dim=args.embed_dim,
-        hidden_size=args.hidden_size,
-        num_layers=args.layers,
-        seq_len=args.seq_len,
-        batch_size=args.batch_size,
-        steps=args.steps,
-        learning_rate=args.lr,
-        seed=args.seed,
-        eval_every=args.eval_every,
-        save_every=args.save_every,
-        output_transform=not args.classic,
-        text=args.text,
-    )
-    charlm.train(cfg, pathlib.Path(args.out), resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
-    return 0
+    options = {field: getattr(args, name) for name, field in _TRAIN_FIELDS.items() if getattr(args, name) is not None}
+    if args.classic:
+        options["output_transform"] = False
+    stopped_by = charlm.train(
+        options,
+        args.out,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+        log=lambda msg: print(msg, flush=True),
+    ).stopped_by
+    return 0 if stopped_by is None else 128 + int(stopped_by)
 
 
 def _generate(args: argparse.Namespace) -> int:
     from . import charlm
 
-    print(charlm.generate(args.checkpoint, args.prompt, args.length, args.temperature, args.seed))
+    note = lambda msg: print(f"jaxlstm generate: note: {msg}", file=sys.stderr, flush=True)
+    print(charlm.generate(args.checkpoint, args.prompt, args.length, args.temperature, args.seed, log=note))
     return 0
 
 
-def _positive(kind):
+def _number(kind, *, minimum=None, positive=False):
+    """An argparse type: ``kind`` (int or float), finite, and positive / at least ``minimum``."""
+
     def parse(value):
-        v = kind(value)
-        if v <= 0:
+        try:
+            v = kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}; received {value!r}")
+        if kind is float and not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"must be a finite number; received {value}")
+        if positive and v <= 0:
             raise argparse.ArgumentTypeError(f"must be positive; received {value}")
+        if minimum is not None and v < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}; received {value}")
         return v
 
     return parse
 
 
-def main(argv=None) -> int:
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors as one line (no usage block) and exit code 2."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(EXIT_INPUT)
+
+
+def build_parser() -> argparse.ArgumentParser:
     from .charlm import Config
 
-    parser = argparse.ArgumentParser(prog="jaxlstm", description="The seed LSTM in JAX.")
-    sub = parser.add_subparsers(dest="command", required=True)
     d = Config()
+    parser = _Parser(
+        prog="jaxlstm",
+        description="LSTMs in JAX: the classic cell, and a cell whose output gate applies a learned map "
+        "W_o c + b_o to the cell state before the tanh.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     train = sub.add_parser(
         "train",
         help="train a character language model (default: the embedded Shakespeare corpus)",
-        description="Train a character-level LSTM language model. With no arguments it trains on the embedded "
-        "Shakespeare corpus and reports held-out bits per character.",
+        description="Train a character-level LSTM language model and report held-out bits per character. "
+        "With no arguments it trains on the embedded Shakespeare corpus. Ctrl-C or SIGTERM stops after the "
+        "step in flight and saves it; --resume continues the run exactly where it stopped.",
     )
+    pos_int = _number(int, positive=True)
     train.add_argument("--text", default=None, help="a UTF-8 text file (default: embedded Shakespeare)")
     train.add_argument("--out", default="runs/charlm", help="run folder (default: runs/charlm)")
-    train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    train.add_argument("--overwrite", action="store_true", help="replace the run in --out")
-    train.add_argument("--steps", type=_positive(int), default=d.steps)
-    train.add_argument("--batch-size", type=_positive(int), default=d.batch_size)
-    train.add_argument("--seq-len", type=_positive(int), default=d.seq_len)
-    train.add_argument("--hidden-size", type=_positive(int), default=d.hidden_size)
-    train.add_argument("--embed-dim", type=_positive(int), default=d.embed_dim)
-    train.add_argument("--layers", type=_positive(int), default=d.num_layers)
-    train.add_argument("--lr", type=_positive(float), default=d.learning_rate)
-    train.add_argument("--seed", type=int, default=d.seed)
-    train.add_argument("--eval-every", type=_positive(int), default=d.eval_every)
-    train.add_argument("--save-every", type=_positive(int), default=d.save_every)
-    train.add_argument("--classic", action="store_true", help="the classic cell (tanh(c)) instead of the seed cell")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out exactly (its own settings)")
+    train.add_argument(
+        "--overwrite", action="store_true", help="replace the run in --out (removes only the files a run writes)"
+    )
+    train.add_argument(
+        "--steps",
+        type=pos_int,
+        default=None,
+        help=f"total steps (default {d.steps}); with --resume a larger value lengthens the run, its learning-rate "
+        "schedule unchanged (steps past its end use the final rate)",
+    )
+    train.add_argument("--batch-size", type=pos_int, default=None, help=f"default {d.batch_size}")
+    train.add_argument("--seq-len", type=pos_int, default=None, help=f"characters per sequence (default {d.seq_len})")
+    train.add_argument("--hidden-size", type=pos_int, default=None, help=f"default {d.hidden_size}")
+    train.add_argument("--embed-dim", type=pos_int, default=None, help=f"default {d.embed_dim}")
+    train.add_argument("--layers", type=pos_int, default=None, help=f"default {d.num_layers}")
+    train.add_argument("--lr", type=_number(float, positive=True), default=None, help=f"peak learning rate (default {d.learning_rate})")
+    train.add_argument("--seed", type=_number(int, minimum=0), default=None, help=f"default {d.seed}")
+    train.add_argument("--eval-every", type=pos_int, default=None, help=f"default {d.eval_every}")
+    train.add_argument("--save-every", type=pos_int, default=None, help=f"default {d.save_every}")
+    train.add_argument(
+        "--classic",
+        action="store_true",
+        help="the classic cell (output gate tanh(c)) instead of the default cell with a learned output map "
+        "tanh(W_o c + b_o)",
+    )
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(func=_train)
     gen = sub.add_parser("generate", help="sample text from a trained run")
     gen.add_argument("--checkpoint", required=True, help="a run folder written by jaxlstm train (its --out)")
     gen.add_argument("--prompt", default="")
-    gen.add_argument("--length", type=_positive(int), default=500)
-    gen.add_argument("--temperature", type=_positive(float), default=0.8)
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--length", type=pos_int, default=500)
+    gen.add_argument("--temperature", type=_number(float, positive=True), default=0.8)
+    gen.add_argument("--seed", type=_number(int, minimum=0), default=0)
     gen.set_defaults(func=_generate)
     demo = sub.add_parser("demo", help="run one layer on random data and print shapes and timing")
-    demo.add_argument("--batch", type=int, default=8)
-    demo.add_argument("--steps", type=int, default=100)
-    demo.add_argument("--input-size", type=int, default=32)
-    demo.add_argument("--hidden-size", type=int, default=64)
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--batch", type=pos_int, default=8)
+    demo.add_argument("--steps", type=pos_int, default=100)
+    demo.add_argument("--input-size", type=pos_int, default=32)
+    demo.add_argument("--hidden-size", type=pos_int, default=64)
+    demo.add_argument("--seed", type=_number(int, minimum=0), default=0)
     demo.set_defaults(func=_demo)
-    args = parser.parse_args(argv)
-    from .charlm import RunError
+    return parser
 
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _one_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    text = lines[0] if lines else type(e).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def setup_process() -> None:
+    """What the ``jaxlstm`` process (not a caller of :func:`main`) sets up before running a command.
+
+    Ctrl-C raises ``KeyboardInterrupt`` and SIGTERM (what schedulers send) does the same, until
+    ``train`` turns both into a request to stop after the step in flight.
+    """
+    if not os.environ.get("JAXLSTM_DEBUG"):
+        # orbax leaves coroutines behind after failing to read a damaged checkpoint; the command reports
+        # the damage itself, so their "Exception ignored" tracebacks at collection are noise here
+        sys.unraisablehook = lambda unraisable: None
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if hasattr(signal, "SIGTERM"):
+            signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
+def main(argv=None, *, pending_signal: Optional[int] = None) -> int:
+    """Run the command; ``pending_signal``: a signal that arrived while the launcher imported this module."""
+    command = "jaxlstm"
+    if pending_signal is not None:
+        print(f"{command}: stopped by {signal.Signals(pending_signal).name} while starting; nothing was written", file=sys.stderr)
+        return 128 + pending_signal
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        command = f"jaxlstm {args.command}"
         return args.func(args)
-    except RunError as e:
-        print(f"jaxlstm {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"{command}: interrupted; checkpoints saved before are kept", file=sys.stderr)
+        return 130
+    except SystemExit as e:  # argparse: --help (0) or a bad flag (2, its message already printed)
+        return e.code if isinstance(e.code, int) else 0
+    except Exception as e:
+        from .charlm import Interrupted, RunError
+
+        if isinstance(e, Interrupted):
+            print(f"{command}: {e}", file=sys.stderr)
+            return 128 + e.signum
+        if isinstance(e, RunError):
+            print(f"{command}: error: {e}", file=sys.stderr)
+            return EXIT_INPUT
+        if os.environ.get("JAXLSTM_DEBUG"):
+            raise
+        kind = "" if isinstance(e, OSError) else f"{type(e).__name__}: "
+        print(
+            f"{command}: error: {kind}{_one_line(e)} (set JAXLSTM_DEBUG=1 to see the traceback)", file=sys.stderr
+        )
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":  # pragma: no cover
+    setup_process()
     sys.exit(main())

@@ -3,21 +3,29 @@
 ``jaxlstm train`` and ``jaxlstm generate`` are thin command-line wrappers of
 :func:`train` and :func:`generate` here.
 
-A run folder holds ``config.json`` (model and data settings, the vocabulary),
-``checkpoints/`` (orbax), ``metrics.jsonl``, ``loss.png`` and ``sample.txt``.
+A run folder holds ``config.json`` (everything that defines the run: model,
+optimizer and schedule, batch, data identity, seeds, vocabulary),
+``checkpoints/`` (orbax, each with a checksum), ``metrics.jsonl``,
+``loss.png`` and ``sample.txt``, and a lock file while a process trains in it.
+Nothing else in the folder is ever touched: ``--overwrite`` removes only
+these names, and only in a folder that holds a run.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import gzip
+import hashlib
 import importlib.resources
 import json
 import math
+import os
 import pathlib
 import shutil
+import signal
 import time
-from typing import Optional
+from typing import Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -28,14 +36,29 @@ from .linen import CharLM
 
 DEFAULT_CORPUS = "shakespeare.txt.gz"
 VALID_FRACTION = 0.05
+FORMAT = "jaxlstm-charlm"
+FORMAT_VERSION = 1
+LOCK_NAME = ".jaxlstm.lock"
+#: Everything a run writes in its folder; ``--overwrite`` removes these and nothing else.
+RUN_FILES = ("config.json", "checkpoints", "checkpoints.damaged", "metrics.jsonl", "loss.png", "sample.txt")
 
 
 class RunError(Exception):
-    """A problem with the user's input (file, folder, options), reported without a traceback."""
+    """A problem with the user's input (file, folder, options, run), reported as one line without a traceback."""
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM stopped the command before training started (nothing was written)."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name} before training started; nothing was written")
+        self.signum = signum
 
 
 @dataclasses.dataclass
 class Config:
+    """Everything that defines a run. The fields in :data:`IDENTITY` may not change on ``--resume``."""
+
     embed_dim: int = 64
     hidden_size: int = 256
     num_layers: int = 1
@@ -47,24 +70,81 @@ class Config:
     eval_every: int = 500
     save_every: int = 500
     output_transform: bool = True
-    text: Optional[str] = None  # None: the embedded corpus
+    text: Optional[str] = None  # absolute path of the text, None: the embedded corpus
+    text_sha256: str = ""
     vocab: str = ""
+    schedule_steps: int = 0  # the steps the learning-rate schedule was built for (0: ``steps``)
+
+
+#: Fields that define the trained function and its data; ``--resume`` refuses to change them.
+IDENTITY = ("embed_dim", "hidden_size", "num_layers", "seq_len", "batch_size", "learning_rate", "seed", "output_transform")
+#: Command-line names of the fields, for messages.
+FLAGS = {
+    "embed_dim": "--embed-dim",
+    "hidden_size": "--hidden-size",
+    "num_layers": "--layers",
+    "seq_len": "--seq-len",
+    "batch_size": "--batch-size",
+    "steps": "--steps",
+    "learning_rate": "--lr",
+    "seed": "--seed",
+    "eval_every": "--eval-every",
+    "save_every": "--save-every",
+    "output_transform": "--classic",
+    "text": "--text",
+}
+_POSITIVE_INTS = ("embed_dim", "hidden_size", "num_layers", "seq_len", "batch_size", "steps", "eval_every", "save_every")
+
+
+def check_config(cfg: Config, source: str) -> Config:
+    """Types and ranges of every field; ``source`` names where the values came from (for the message)."""
+    problems = []
+    for name in _POSITIVE_INTS:
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            problems.append(f"{name} must be a positive integer, not {v!r}")
+    lr = cfg.learning_rate
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        problems.append(f"learning_rate must be a finite positive number, not {lr!r}")
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
+        problems.append(f"seed must be an integer, not {cfg.seed!r}")
+    if not isinstance(cfg.output_transform, bool):
+        problems.append(f"output_transform must be true or false, not {cfg.output_transform!r}")
+    if cfg.text is not None and not isinstance(cfg.text, str):
+        problems.append(f"text must be a path or null, not {cfg.text!r}")
+    for name in ("text_sha256", "vocab"):
+        if not isinstance(getattr(cfg, name), str):
+            problems.append(f"{name} must be a string")
+    if isinstance(cfg.schedule_steps, bool) or not isinstance(cfg.schedule_steps, int) or cfg.schedule_steps < 0:
+        problems.append(f"schedule_steps must be a non-negative integer, not {cfg.schedule_steps!r}")
+    if problems:
+        raise RunError(f"{source}: " + "; ".join(problems) + ".")
+    return cfg
 
 
 # ------------------------------------------------------------------ data
 
 
-def load_text(path: Optional[str]) -> str:
-    """The training text: a UTF-8 file, or the embedded corpus when ``path`` is None."""
-    if path is None:
-        data = importlib.resources.files("jaxlstm.data").joinpath(DEFAULT_CORPUS).read_bytes()
-        return gzip.decompress(data).decode("utf-8")
-    p = pathlib.Path(path)
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _embedded_bytes() -> bytes:
+    return gzip.decompress(importlib.resources.files("jaxlstm.data").joinpath(DEFAULT_CORPUS).read_bytes())
+
+
+def _read_text_file(p: pathlib.Path) -> bytes:
     if not p.exists():
         raise RunError(f"text file not found: {p}. Give an existing UTF-8 text file with --text, or omit --text.")
     if not p.is_file():
         raise RunError(f"--text must be a file; {p} is a directory.")
-    raw = p.read_bytes()
+    try:
+        return p.read_bytes()
+    except OSError as e:
+        raise RunError(f"cannot read {p}: {e.strerror}.") from None
+
+
+def _decode(raw: bytes, p: pathlib.Path) -> str:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -75,6 +155,21 @@ def load_text(path: Optional[str]) -> str:
     if not text.strip():
         raise RunError(f"{p} is empty: there is nothing to train on.")
     return text
+
+
+def load_text(path: Optional[str]) -> str:
+    """The training text: a UTF-8 file, or the embedded corpus when ``path`` is None."""
+    return _load(path)[0]
+
+
+def _load(path: Optional[str]) -> tuple[str, str]:
+    """``(text, sha256 of its bytes)``."""
+    if path is None:
+        raw = _embedded_bytes()
+        return raw.decode("utf-8"), _sha256(raw)
+    p = pathlib.Path(path)
+    raw = _read_text_file(p)
+    return _decode(raw, p), _sha256(raw)
 
 
 def split_text(text: str, seq_len: int) -> tuple[str, str]:
@@ -159,8 +254,8 @@ def make_evaluator(model: CharLM, tokens: np.ndarray, seq_len: int, streams: int
 
 def sample(model: CharLM, params, vocab: str, prompt: str, length: int, temperature: float, seed: int) -> str:
     """Continue ``prompt`` by ``length`` characters sampled at ``temperature``."""
-    if temperature <= 0:
-        raise RunError(f"--temperature must be positive; received {temperature}.")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise RunError(f"--temperature must be a finite positive number; received {temperature}.")
     prompt = prompt or ("\n" if "\n" in vocab else vocab[0])
     ids = jnp.asarray(encode(prompt, vocab))[None, :]
 
@@ -179,41 +274,137 @@ def sample(model: CharLM, params, vocab: str, prompt: str, length: int, temperat
     return prompt + "".join(vocab[i] for i in out)
 
 
+def estimate_step_bytes(cfg: Config, vocab_size: int) -> int:
+    """A lower bound on the memory one training step needs (activations kept for the backward pass)."""
+    rows = cfg.batch_size * cfg.seq_len
+    per_row = cfg.embed_dim + cfg.num_layers * 8 * cfg.hidden_size + 3 * vocab_size
+    params = 4 * cfg.hidden_size * (cfg.hidden_size + cfg.embed_dim) * cfg.num_layers + cfg.hidden_size * vocab_size
+    return 4 * (rows * per_row + 3 * params)
+
+
+def _memory_bytes() -> Optional[int]:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
+        return None
+
+
+def _check_memory(cfg: Config) -> None:
+    need, have = estimate_step_bytes(cfg, len(cfg.vocab)), _memory_bytes()
+    if have is not None and need > 0.8 * have:
+        raise RunError(
+            f"one training step needs at least {need / 2**30:.1f} GiB (--batch-size {cfg.batch_size} x --seq-len "
+            f"{cfg.seq_len}, --hidden-size {cfg.hidden_size}, --layers {cfg.num_layers}), more than this machine's "
+            f"{have / 2**30:.1f} GiB; lower --batch-size or --seq-len (or the model size)."
+        )
+
+
 # ------------------------------------------------------------------ run folders
 
 
-def _state(cfg: Config):
-    model = build(cfg)
-    params = model.init(jax.random.key(cfg.seed), jnp.zeros((1, cfg.seq_len), jnp.int32))["params"]
-    tx = training.default_optimizer(cfg.learning_rate, total_steps=cfg.steps)
-    return model, training.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+def _write_atomic(path: pathlib.Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
-def prepare_output(out: pathlib.Path, resume: bool, overwrite: bool) -> None:
-    has_run = (out / "config.json").exists() or (out / "checkpoints").exists()
-    if has_run and not (resume or overwrite):
+def _config_text(cfg: Config) -> str:
+    return json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, **dataclasses.asdict(cfg)}, indent=1)
+
+
+def _read_json_config(path: pathlib.Path) -> Optional[dict]:
+    """The parsed ``config.json`` of a jaxlstm run, ``None`` if absent; RunError if it is not one of ours."""
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RunError(f"{path} cannot be read as JSON ({e}); restore it, or start a new run in another --out.") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise RunError(
-            f"{out} already holds a run. Pass --resume to continue it, --overwrite to replace it, "
-            "or choose another --out."
+            f"{path.parent} holds a config.json that jaxlstm did not write; choose another --out "
+            "(jaxlstm never deletes files it did not write)."
         )
-    if overwrite and out.exists():
-        shutil.rmtree(out)
-    if resume and not has_run:
-        raise RunError(f"--resume: {out} holds no run to continue (no config.json).")
-    out.mkdir(parents=True, exist_ok=True)
+    return data
 
 
 def read_config(run_dir: pathlib.Path) -> Config:
+    run_dir = pathlib.Path(run_dir)
     path = run_dir / "config.json"
     if not run_dir.exists():
-        raise RunError(f"checkpoint folder not found: {run_dir}.")
-    if not path.exists():
+        raise RunError(f"run folder not found: {run_dir}.")
+    if not run_dir.is_dir():
+        raise RunError(f"{run_dir} is a file, not a run folder. Point at the --out of a training run.")
+    data = _read_json_config(path)
+    if data is None:
         raise RunError(f"{run_dir} is not a jaxlstm run folder (no config.json). Point at the --out of a training run.")
-    try:
-        data = json.loads(path.read_text())
-        return Config(**data)
-    except (json.JSONDecodeError, TypeError) as e:
-        raise RunError(f"{path} does not describe a jaxlstm char model ({e}).") from None
+    if data.get("format_version") != FORMAT_VERSION:
+        raise RunError(f"{path} has format version {data.get('format_version')!r}; this jaxlstm reads {FORMAT_VERSION}.")
+    fields = {k: v for k, v in data.items() if k not in ("format", "format_version")}
+    known = {f.name for f in dataclasses.fields(Config)}
+    unknown, missing = sorted(set(fields) - known), sorted(known - set(fields))
+    if unknown or missing:
+        what = "; ".join(x for x in (unknown and f"unknown keys {unknown}", missing and f"missing keys {missing}") if x)
+        raise RunError(f"{path} was edited and no longer describes a run ({what}).")
+    return check_config(Config(**fields), f"{path} (edited?)")
+
+
+def _has_run(out: pathlib.Path) -> bool:
+    return _read_json_config(out / "config.json") is not None
+
+
+def _checkpoint_steps(out: pathlib.Path) -> list[int]:
+    d = out / "checkpoints"
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
+
+
+def _remove_run_files(out: pathlib.Path) -> None:
+    for name in RUN_FILES:
+        p = out / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+
+
+class RunLock:
+    """An exclusive lock on a run folder (``fcntl.flock``: released by the OS when the process dies)."""
+
+    def __init__(self, out: pathlib.Path):
+        self.path = out / LOCK_NAME
+        self._fd: Optional[int] = None
+
+    def __enter__(self) -> "RunLock":
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise RunError(f"cannot write in the run folder {self.path.parent}: {e.strerror}.") from None
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows: no lock
+            self._fd = fd
+            return self
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            other = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise RunError(
+                f"another jaxlstm process (pid {other}) is training in {self.path.parent}; wait for it to finish "
+                "or choose another --out."
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing releases the lock
+            self._fd = None
 
 
 def plot_history(history: list, path: pathlib.Path) -> None:
@@ -234,30 +425,172 @@ def plot_history(history: list, path: pathlib.Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
     plt.close(fig)
+    os.replace(tmp, path)
 
 
-def train(cfg: Config, out: pathlib.Path, *, resume: bool = False, overwrite: bool = False, progress: bool = True, log=print):
-    """Train (or resume) a character model in ``out``; returns ``(state, history)``."""
-    out = pathlib.Path(out)
-    prepare_output(out, resume, overwrite)
+def _new_config(options: dict) -> Config:
+    unknown = set(options) - {f.name for f in dataclasses.fields(Config)}
+    if unknown:
+        raise RunError(f"unknown options {sorted(unknown)}.")
+    return check_config(Config(**options), "options")
+
+
+def _resume_config(saved: Config, options: dict, completed: int, log) -> Config:
+    """The saved config, with the options a resume may change; refuses changes to what defines the run."""
+    diffs = []
+    for name in IDENTITY:
+        if name in options and options[name] != getattr(saved, name):
+            flag = FLAGS[name]
+            if name == "output_transform":
+                diffs.append(f"{flag}: the run uses the {'seed' if saved.output_transform else 'classic'} cell")
+            else:
+                diffs.append(f"{flag}: the run has {getattr(saved, name)!r}, the command line {options[name]!r}")
+    if diffs:
+        raise RunError(
+            "--resume continues a run exactly, and these options differ from it: " + "; ".join(diffs)
+            + ". Drop them to continue, or start a new run with another --out."
+        )
+    cfg = dataclasses.replace(saved, **{k: options[k] for k in ("eval_every", "save_every") if k in options})
+    schedule = saved.schedule_steps or saved.steps
+    if "steps" in options and options["steps"] != saved.steps:
+        steps = options["steps"]
+        if steps < completed:
+            raise RunError(f"--steps {steps}: the run has already completed {completed} steps.")
+        if steps > schedule:
+            log(
+                f"lengthening the run from {saved.steps} to {steps} steps: the learning-rate schedule keeps its "
+                f"{schedule}-step shape, so steps past {schedule} run at its final rate "
+                f"({0.1 * saved.learning_rate:.3g})"
+            )
+        cfg = dataclasses.replace(cfg, steps=steps)
+    return dataclasses.replace(cfg, schedule_steps=schedule)
+
+
+def _resume_text(cfg: Config, text_option: Optional[str]) -> str:
+    """The run's text, checked against its stored hash (``--text`` may name a moved copy)."""
+    if text_option is not None:
+        path = str(pathlib.Path(text_option).absolute())
+    else:
+        path = cfg.text
+    if path is None:
+        raw = _embedded_bytes()
+        where = "the embedded corpus"
+    else:
+        p = pathlib.Path(path)
+        if not p.exists() and text_option is None:
+            raise RunError(
+                f"the run's text file {p} is gone; pass --text with a copy of it (it is checked against the "
+                "hash stored in the run)."
+            )
+        raw = _read_text_file(p)
+        where = str(p)
+    if cfg.text_sha256 and _sha256(raw) != cfg.text_sha256:
+        raise RunError(
+            f"{where} is not the text this run was trained on (its SHA-256 differs from the one in config.json); "
+            "give the original with --text, or start a new run with another --out."
+        )
+    return _decode(raw, pathlib.Path(path or DEFAULT_CORPUS))
+
+
+class TrainResult(NamedTuple):
+    state: training.TrainState
+    history: list  # this invocation's metric rows
+    stopped_by: Optional[int]  # the signal that stopped training, None when it finished
+
+
+def train(
+    options: Union[dict, Config],
+    out,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+):
+    """Train (or resume) a character model in ``out``; returns a :class:`TrainResult`.
+
+    ``options`` holds the :class:`Config` fields the user set (a dict; the
+    others take their defaults, or on ``resume`` the run's own values), or a
+    whole :class:`Config`.
+    """
+    if isinstance(options, Config):
+        derived = ("text_sha256", "vocab", "schedule_steps")
+        options = {k: v for k, v in dataclasses.asdict(options).items() if k not in derived}
+    if resume and overwrite:
+        raise RunError("--resume continues the run in --out and --overwrite replaces it: give one of them.")
+    out = pathlib.Path(out).absolute()
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {out} is a file; give a folder for the run.")
+    created = not out.exists()
+    preexisting = {n for n in RUN_FILES + (LOCK_NAME,) if (out / n).exists()}
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunError(f"cannot create the run folder {out}: {e.strerror}.") from None
+    new_run = False
+    try:
+        # signals only set a flag from here on: start-up checks it before training, fit() between steps
+        with RunLock(out), training.StopRequest(log) as stop:
+            new_run = not resume
+            return _train_locked(options, out, stop, resume=resume, overwrite=overwrite, progress=progress, log=log)
+    except BaseException:
+        if new_run and not _checkpoint_steps(out):
+            _clean_failed_start(out, created, preexisting)
+        raise
+
+
+def _clean_failed_start(out: pathlib.Path, created: bool, preexisting: set) -> None:
+    """A start that failed before its first checkpoint leaves behind nothing it wrote (nor a folder it made)."""
+    try:
+        for name in RUN_FILES + (LOCK_NAME,):
+            p = out / name
+            if name in preexisting or not (p.exists() or p.is_symlink()):
+                continue
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        if created and not any(out.iterdir()):
+            out.rmdir()
+    except OSError:
+        pass
+
+
+def _train_locked(options: dict, out: pathlib.Path, stop, *, resume: bool, overwrite: bool, progress: bool, log):
+    has_run = _has_run(out)
+    if has_run and not (resume or overwrite):
+        raise RunError(
+            f"{out} already holds a run. Pass --resume to continue it, --overwrite to replace it, or choose another --out."
+        )
+    if resume and not has_run:
+        raise RunError(f"--resume: {out} holds no run to continue (no config.json).")
+    if overwrite and has_run:
+        _remove_run_files(out)
+        log(f"--overwrite: removed the previous run's files from {out}")
     if resume:
-        saved = read_config(out)
-        saved.steps = cfg.steps  # allow extending a run
-        cfg = saved
-    text = load_text(cfg.text)
-    train_text, valid_text = split_text(text, cfg.seq_len)
-    if not cfg.vocab:
+        cfg = _resume_config(read_config(out), options, (_checkpoint_steps(out) or [0])[-1], log)
+        text = _resume_text(cfg, options.get("text"))
+    else:
+        cfg = _new_config(options)
+        text, digest = _load(cfg.text)
+        cfg.text = None if cfg.text is None else str(pathlib.Path(cfg.text).absolute())
+        cfg.text_sha256 = digest
         cfg.vocab = "".join(sorted(set(text)))
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+        cfg.schedule_steps = cfg.steps
+    train_text, valid_text = split_text(text, cfg.seq_len)
+    _check_memory(cfg)
+    _write_atomic(out / "config.json", _config_text(cfg))
     log(
         f"corpus: {len(text):,} characters ({'embedded Shakespeare' if cfg.text is None else cfg.text}), "
         f"vocabulary {len(cfg.vocab)}; training on {len(train_text):,}, holding out the last {len(valid_text):,}"
     )
     model, state = _state(cfg)
     n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(state.params))
-    log(f"model: Embed({cfg.embed_dim}) -> LSTM({cfg.hidden_size} x {cfg.num_layers}) -> Dense; {n_params:,} parameters")
+    cell = "seed cell, learned output map" if cfg.output_transform else "classic cell"
+    log(
+        f"model: Embed({cfg.embed_dim}) -> LSTM({cfg.hidden_size} x {cfg.num_layers}, {cell}) -> Dense; "
+        f"{n_params:,} parameters"
+    )
     batches = window_batches(encode(train_text, cfg.vocab), cfg.batch_size, cfg.seq_len, cfg.seed)
     evaluator = make_evaluator(model, encode(valid_text, cfg.vocab), cfg.seq_len)
 
@@ -265,52 +598,111 @@ def train(cfg: Config, out: pathlib.Path, *, resume: bool = False, overwrite: bo
         log(f"step {step}: held-out {ev['eval_bits_per_char']:.3f} bits/char")
 
     t0 = time.perf_counter()
-    result = training.fit(
-        state,
-        training.make_train_step(lm_loss),
-        batches,
-        num_steps=cfg.steps,
-        rng=jax.random.key(cfg.seed + 2),
-        eval_fn=evaluator,
-        eval_every=cfg.eval_every,
-        checkpoint_dir=out / "checkpoints",
-        save_every=cfg.save_every,
-        metrics_path=out / "metrics.jsonl",
-        progress=progress,
-        on_eval=on_eval,
-    )
+    if stop.signal is not None:
+        raise Interrupted(stop.signal)
+    try:
+        result = training.fit(
+            state,
+            training.make_train_step(lm_loss),
+            batches,
+            num_steps=cfg.steps,
+            rng=jax.random.key(cfg.seed + 2),
+            eval_fn=evaluator,
+            eval_every=cfg.eval_every,
+            checkpoint_dir=out / "checkpoints",
+            save_every=cfg.save_every,
+            metrics_path=out / "metrics.jsonl",
+            progress=progress,
+            on_eval=on_eval,
+            log=log,
+        )
+    except training.NonFiniteLossError as e:
+        raise RunError(f"{e} The checkpoints hold only finite values.") from None
+    except training.CheckpointError as e:
+        raise RunError(f"{e} Start a new run with --overwrite or another --out.") from None
+    except Exception as e:
+        disk = _disk_problem(e)
+        if disk is not None:
+            raise RunError(
+                f"cannot write the run in {out}: {disk}. The checkpoints saved before are kept; "
+                "free space (or fix the permissions), then continue with --resume."
+            ) from None
+        if _out_of_memory(e):
+            raise RunError(
+                f"out of memory in a training step (--batch-size {cfg.batch_size}, --seq-len {cfg.seq_len}, "
+                f"--hidden-size {cfg.hidden_size}); lower --batch-size or --seq-len. The last checkpoint is kept."
+            ) from None
+        raise
     wall = time.perf_counter() - t0
-    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    interrupted = result.interrupted or stop.signal is not None
+    if interrupted and not _checkpoint_steps(out):
+        raise Interrupted(stop.signal or signal.SIGINT)
+    history = training.read_metrics(out / "metrics.jsonl")
+    if interrupted:
+        log(
+            f"stopped at step {int(result.state.step)} of {cfg.steps} after {wall:.0f} s; saved. "
+            f"Continue with: jaxlstm train --out {out} --resume"
+        )
+        return TrainResult(result.state, result.history, stop.signal or signal.SIGINT)
     plot_history(history, out / "loss.png")
     text_sample = sample(model, result.state.params, cfg.vocab, "", 400, 0.8, cfg.seed)
-    (out / "sample.txt").write_text(text_sample)
-    status = "interrupted" if result.interrupted else "finished"
-    log(f"{status} at step {int(result.state.step)} in {wall:.0f} s; wrote {out}/checkpoints, metrics.jsonl, loss.png")
+    _write_atomic(out / "sample.txt", text_sample)
+    log(f"finished at step {int(result.state.step)} in {wall:.0f} s; wrote {out}/checkpoints, metrics.jsonl, loss.png")
     log("sample:\n" + text_sample)
-    return result.state, result.history
+    return TrainResult(result.state, result.history, None)
 
 
-def load(run_dir: pathlib.Path):
-    """``(model, params, config)`` from the latest checkpoint of a run folder."""
+_DISK_ERRORS = {errno.ENOSPC: "No space left on device", errno.EROFS: "Read-only file system",
+                errno.EACCES: "Permission denied", errno.EDQUOT: "Disk quota exceeded"}
+
+
+def _disk_problem(e: BaseException) -> Optional[str]:
+    """The file-system reason of a failed write (raised directly, or wrapped by orbax/tensorstore), if any."""
+    if isinstance(e, OSError) and e.errno in _DISK_ERRORS:
+        return _DISK_ERRORS[e.errno]
+    text = str(e)
+    return next((reason for reason in _DISK_ERRORS.values() if reason in text), None)
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    text = str(e)
+    return isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in text or "Out of memory" in text
+
+
+def _state(cfg: Config):
+    model = build(cfg)
+    params = model.init(jax.random.key(cfg.seed), jnp.zeros((1, cfg.seq_len), jnp.int32))["params"]
+    tx = training.default_optimizer(cfg.learning_rate, total_steps=cfg.schedule_steps or cfg.steps)
+    return model, training.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+
+
+def load(run_dir, log: Callable[[str], None] = print):
+    """``(model, params, config)`` from the newest intact checkpoint of a run folder."""
     run_dir = pathlib.Path(run_dir)
     cfg = read_config(run_dir)
     model, state = _state(cfg)
     ckpt_dir = run_dir / "checkpoints"
-    if not ckpt_dir.exists():
-        raise RunError(f"{run_dir} has no checkpoints/ folder: was the run stopped before its first save?")
-    ckpt = training.Checkpointer(ckpt_dir)
+    if not _checkpoint_steps(run_dir):
+        raise RunError(f"{run_dir} holds no checkpoint yet: was the run stopped before its first save?")
+    ckpt = training.Checkpointer(ckpt_dir, read_only=True)
     try:
-        snap = ckpt.restore(None, training._snapshot(state, jax.random.key(0), None))
-    except FileNotFoundError:
-        raise RunError(f"{ckpt_dir} holds no checkpoint.") from None
-    except Exception as e:  # orbax raises various errors on a mismatched tree
-        raise RunError(f"the checkpoint in {ckpt_dir} does not fit the model described by config.json: {e}") from None
+        step, snap = ckpt.restore(None, training.snapshot(state, jax.random.key(0), None), on_fallback=log)
+    except training.CheckpointError as e:
+        raise RunError(str(e)) from None
     finally:
         ckpt.close()
-    state, _, _ = training._from_snapshot(state, snap, None)
+    if step != _checkpoint_steps(run_dir)[-1]:
+        log(f"using checkpoint {step}, the newest intact one")
+    state, _, _ = training.from_snapshot(state, snap, None)
     return model, state.params, cfg
 
 
-def generate(run_dir, prompt: str = "", length: int = 500, temperature: float = 0.8, seed: int = 0) -> str:
-    model, params, cfg = load(pathlib.Path(run_dir))
+def generate(run_dir, prompt: str = "", length: int = 500, temperature: float = 0.8, seed: int = 0, log=print) -> str:
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise RunError(f"--temperature must be a finite positive number; received {temperature}.")
+    model, params, cfg = load(pathlib.Path(run_dir), log)
     return sample(model, params, cfg.vocab, prompt, length, temperature, seed)
+
+
+__all__ = ["Config", "TrainResult", "RunError", "Interrupted", "train", "generate", "load", "read_config", "check_config"]
+

@@ -10,8 +10,10 @@ The pieces compose; none of them owns your model:
   train state's buffers are donated) for a loss function you write;
 * :func:`fit`: the loop — steps, periodic evaluation, a tqdm progress bar with
   the live loss, a JSON-lines metrics file, orbax checkpoints every N steps
-  (keep the last K), bit-for-bit resume, a clean stop on Ctrl-C (after
-  saving), and a guard that stops on a NaN/inf loss naming the step;
+  (keep the last K, each with a checksum; a damaged one is skipped on
+  resume), bit-for-bit resume, a clean stop on Ctrl-C or SIGTERM after
+  saving the step in flight, and a guard that stops on a non-finite update
+  (loss, gradients or parameters) naming the step;
 * truncated backpropagation through time: a step may carry a recurrent state
   to the next (gradients stop at the chunk boundary);
 * data parallelism: pass a ``jax.sharding.Mesh`` with a ``"data"`` axis to
@@ -25,11 +27,16 @@ it would have seen.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
+import os
 import pathlib
+import signal
+import threading
 import time
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 
 import flax.serialization
 import jax
@@ -44,6 +51,11 @@ __all__ = [
     "TrainState",
     "FitResult",
     "NonFiniteLossError",
+    "CheckpointError",
+    "StopRequest",
+    "snapshot",
+    "from_snapshot",
+    "read_metrics",
     "sequence_mask",
     "sequence_cross_entropy",
     "masked_mse",
@@ -174,9 +186,11 @@ def make_train_step(loss_fn: LossFn, *, donate: bool = True) -> Callable:
 
     Returns:
       ``step(state, batch, rng, carry) -> (state, metrics, carry)``: ``metrics``
-      holds ``loss`` and ``grad_norm`` too; ``carry`` leaves with its gradient
-      stopped, so the next step starts a new truncation window. When the loss
-      is not finite the update is skipped: state and carry come back unchanged.
+      holds ``loss``, ``grad_norm`` and ``finite`` too; ``carry`` leaves with
+      its gradient stopped, so the next step starts a new truncation window.
+      When the loss, the gradient norm or any updated parameter or optimizer
+      value is not finite, the update is skipped (state and carry come back
+      unchanged) and ``finite`` is false; :func:`fit` then stops.
     """
 
     def step(state: TrainState, batch, rng, carry):
@@ -184,15 +198,24 @@ def make_train_step(loss_fn: LossFn, *, donate: bool = True) -> Callable:
         (loss, (metrics, new_carry)), grads = grad_fn(state.params, state, batch, rng, carry)
         # a non-finite loss leaves state and carry as they were (the inputs are donated,
         # so this is how the last good values survive for the NaN guard to save)
-        ok = jnp.isfinite(loss)
+        # finite loss *and* gradients *and* updated params and optimizer state: a NaN
+        # that reaches only the gradients (or a NaN learning rate) is caught here too
+        grad_norm = optax.tree.norm(grads)
+        updated = state.apply_gradients(grads=grads)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _tree_finite((updated.params, updated.opt_state))
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-        new_state = keep(state.apply_gradients(grads=grads), state)
+        new_state = keep(updated, state)
         if carry is not None:
             new_carry = keep(new_carry, carry)
-        metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
+        metrics = dict(metrics, loss=loss, grad_norm=grad_norm, finite=ok)
         return new_state, metrics, jax.lax.stop_gradient(new_carry)
 
     return jax.jit(step, donate_argnums=(0,) if donate else ())
+
+
+def _tree_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(a), jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
 def make_eval_step(loss_fn: LossFn) -> Callable:
@@ -236,69 +259,258 @@ def _shard_batch(tree, mesh):
 # ------------------------------------------------------------------ checkpoints
 
 
+class CheckpointError(Exception):
+    """No checkpoint could be restored: none is there, none is intact, or they fit another model."""
+
+
+def _digest(tree) -> str:
+    """SHA-256 over every leaf's shape and values, in tree order: detects any corruption of the data.
+
+    Values are widened first (floats to float64, integers to int64), exactly, so
+    that a checkpoint restored into a wider dtype than it was saved in still
+    matches its digest.
+    """
+    h = hashlib.sha256()
+    for leaf in jax.tree.leaves(tree):
+        a = np.asarray(leaf)
+        if np.issubdtype(a.dtype, np.floating) or a.dtype.name == "bfloat16":
+            a = a.astype(np.float64)
+        elif np.issubdtype(a.dtype, np.integer):
+            a = a.astype(np.int64)
+        h.update(repr(a.shape).encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def _all_finite(tree) -> bool:
+    return all(
+        bool(np.isfinite(np.asarray(a)).all())
+        for a in jax.tree.leaves(tree)
+        if jnp.issubdtype(jnp.result_type(a), jnp.inexact)
+    )
+
+
+def _first_line(e: BaseException, limit: int = 160) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class Checkpointer:
-    """orbax-checkpoint behind three calls: ``save``, ``latest_step``, ``restore``.
+    """orbax-checkpoint behind three calls: ``save``, ``latest_step``, ``restore``; checkpoints you can trust.
 
     Saves every ``save_every`` steps (and whenever forced), keeps the last
     ``keep``. What is saved is a pytree of arrays; :func:`fit` stores the train
     state (params, optimizer state, step), the rng and the carried state.
+
+    * Each checkpoint is written to a temporary folder and renamed when
+      complete (orbax), so a process killed while saving leaves the earlier
+      checkpoints as they were; leftovers are removed on the next start.
+    * Each checkpoint carries a SHA-256 of its arrays. :meth:`restore` checks
+      it and falls back to the newest checkpoint that is intact and finite,
+      reporting what it skipped through ``on_fallback``.
+    * Non-finite values are never saved (``ValueError``).
     """
 
-    def __init__(self, directory, *, save_every: int = 0, keep: int = 3):
+    def __init__(self, directory, *, save_every: int = 0, keep: int = 3, read_only: bool = False):
         import orbax.checkpoint as ocp
 
         self._ocp = ocp
         self.directory = pathlib.Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep,
-            save_interval_steps=max(1, save_every) if save_every else 1,
-            enable_async_checkpointing=False,
-            create=True,
-        )
         self.save_every = save_every
-        self._manager = ocp.CheckpointManager(
-            self.directory, options=options, item_handlers=ocp.StandardCheckpointHandler()
+        self.keep = keep
+        self.read_only = read_only
+        self._open()
+
+    def _open(self) -> None:
+        ocp = self._ocp
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=None if self.read_only else self.keep,
+            save_interval_steps=0 if self.read_only else 1,
+            enable_async_checkpointing=False,
+            create=not self.read_only,
+            read_only=self.read_only,
+            cleanup_tmp_directories=not self.read_only,
         )
+        handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     def save(self, step: int, tree, *, force: bool = False) -> bool:
+        """Save ``tree`` as step ``step`` if it is due (or ``force``); returns whether it saved."""
         if not force and (not self.save_every or step % self.save_every):
             return False
         if step in self._manager.all_steps():
             return False
-        saved = self._manager.save(step, args=self._ocp.args.StandardSave(tree), force=True)
+        if not _all_finite(tree):
+            raise ValueError(f"refusing to save step {step}: it holds NaN or infinite values.")
+        args = self._ocp.args.Composite(
+            state=self._ocp.args.StandardSave(tree),
+            meta=self._ocp.args.JsonSave({"step": int(step), "sha256": _digest(tree)}),
+        )
+        saved = self._manager.save(step, args=args, force=True)
         self._manager.wait_until_finished()
-        return saved
+        return bool(saved)
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
 
     def latest_step(self) -> Optional[int]:
         return self._manager.latest_step()
 
-    def restore(self, step: Optional[int], template):
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {self.directory}.")
-        # compare shapes first: a mismatched restore fails deep inside orbax's async reads
+    def _check_shapes(self, step: int, template) -> None:
         meta = self._manager.item_metadata(step)
+        meta = meta["state"] if isinstance(meta, Mapping) or hasattr(meta, "__getitem__") else meta
         meta = getattr(meta, "tree", meta)
         saved = sorted(tuple(m.shape) for m in jax.tree.leaves(meta) if hasattr(m, "shape"))
         wanted = sorted(tuple(np.shape(a)) for a in jax.tree.leaves(template))
+        if not saved:
+            raise _Corrupt("its metadata lists no arrays")
         if saved != wanted:
-            raise ValueError(
-                f"the checkpoint at step {step} in {self.directory} holds arrays of other shapes than this model "
-                f"({len(saved)} saved arrays vs {len(wanted)} expected; first differences: "
-                f"{[p for p in zip(saved, wanted) if p[0] != p[1]][:3]})."
+            diffs = [f"{a} vs {b}" for a, b in zip(saved, wanted) if a != b][:2]
+            raise _Mismatch(
+                f"checkpoint {step} holds {len(saved)} arrays of other shapes than this model's {len(wanted)} "
+                f"(saved vs expected: {', '.join(diffs) or 'a different number of arrays'})"
             )
+
+    def _restore_one(self, step: int, template):
+        try:
+            self._check_shapes(step, template)
+        except _Mismatch:
+            raise
+        except Exception as e:  # unreadable metadata: a damaged checkpoint
+            raise _Corrupt(f"its metadata cannot be read ({_first_line(e, 80)})") from None
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.result_type(a)), template)
-        return self._manager.restore(step, args=self._ocp.args.StandardRestore(abstract))
+        args = self._ocp.args.Composite(
+            state=self._ocp.args.StandardRestore(abstract), meta=self._ocp.args.JsonRestore()
+        )
+        try:
+            restored = self._manager.restore(step, args=args)
+        except Exception as e:
+            raise _Corrupt(f"its data cannot be read ({_first_line(e, 80)})") from None
+        tree, meta = restored["state"], restored["meta"]
+        if not isinstance(meta, Mapping) or meta.get("sha256") != _digest(tree):
+            raise _Corrupt("its data does not match the checksum written with it")
+        if not _all_finite(tree):
+            raise _Corrupt("it holds NaN or infinite values")
+        return tree
+
+    def restore(self, step: Optional[int], template, *, on_fallback: Optional[Callable[[str], None]] = None):
+        """The checkpoint at ``step``, or (``step=None``) the newest intact one.
+
+        Args:
+          step: a step number, or ``None`` for the newest checkpoint that
+            restores, matches its checksum and holds only finite values.
+          template: a pytree with the shapes and dtypes to restore into.
+          on_fallback: called with a one-line message for each checkpoint
+            that was skipped as damaged.
+
+        Returns:
+          ``(step, tree)``.
+
+        Raises:
+          CheckpointError: no checkpoint, none intact, or they hold arrays of
+            other shapes than ``template`` (a different model).
+        """
+        steps = self.all_steps()
+        if step is not None:
+            steps = [s for s in steps if s == step]
+        if not steps:
+            where = f"step {step} in " if step is not None else ""
+            raise CheckpointError(f"no checkpoint {where}{self.directory}.")
+        problems = []
+        for s in reversed(steps):
+            try:
+                tree = self._restore_one(s, template)
+            except _Mismatch as e:
+                raise CheckpointError(f"{e}: it was written by another model.") from None
+            except _Corrupt as e:
+                problems.append(f"checkpoint {s} is damaged: {e}")
+                if on_fallback is not None:
+                    on_fallback(f"checkpoint {s} is damaged ({e}); trying an earlier one")
+                continue
+            return s, tree
+        raise CheckpointError(f"no intact checkpoint in {self.directory}: " + "; ".join(problems) + ".")
+
+    def set_aside(self, steps: Sequence[int], where) -> None:
+        """Move damaged checkpoints out of the way (to ``where``) so that their steps can be saved again."""
+        where = pathlib.Path(where)
+        where.mkdir(parents=True, exist_ok=True)
+        for s in steps:
+            src = self.directory / str(s)
+            if src.exists():
+                dst = where / str(s)
+                k = 1
+                while dst.exists():
+                    dst, k = where / f"{s}.{k}", k + 1
+                os.replace(src, dst)
+        self._manager.close()
+        self._open()
 
     def close(self) -> None:
         self._manager.close()
+
+
+class _Corrupt(Exception):
+    pass
+
+
+class _Mismatch(Exception):
+    pass
+
+
+# ------------------------------------------------------------------ stopping on signals
+
+
+class StopRequest:
+    """SIGINT and SIGTERM turned into a request to stop at the next safe point.
+
+    The first signal sets :attr:`signal` and returns: the step in flight
+    finishes, is saved, and the loop stops. A second signal raises
+    ``KeyboardInterrupt`` at once (for a user who cannot wait); :func:`fit`
+    then saves the state only if it is intact, and the earlier checkpoints
+    stay as they were in any case. Outside the main thread, where Python
+    cannot install handlers, it does nothing.
+    """
+
+    def __init__(self, notify: Optional[Callable[[str], None]] = None):
+        self.signal: Optional[int] = None
+        self._notify = notify
+        self._old: dict = {}
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+        if self._notify is not None:
+            name = signal.Signals(signum).name
+            self._notify(f"{name} received: stopping after the current step and saving it (send it again to stop at once)")
+
+    _active: Optional["StopRequest"] = None
+
+    @classmethod
+    def current(cls) -> Optional["StopRequest"]:
+        """The request installed by an enclosing ``with StopRequest()``, if any (main thread)."""
+        return cls._active
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            self._outer, StopRequest._active = StopRequest._active, self
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, old in self._old.items():
+            signal.signal(s, old)
+        if self._old:
+            StopRequest._active = self._outer
+        self._old.clear()
 
 
 # ------------------------------------------------------------------ the loop
 
 
 class NonFiniteLossError(FloatingPointError):
-    """Training stopped because the loss became NaN or infinite."""
+    """Training stopped because an update was not finite (loss, gradient norm, parameters or optimizer state)."""
 
 
 class FitResult(NamedTuple):
@@ -308,7 +520,8 @@ class FitResult(NamedTuple):
     interrupted: bool
 
 
-def _snapshot(state: TrainState, rng, carry) -> dict:
+def snapshot(state: TrainState, rng, carry) -> dict:
+    """What :func:`fit` checkpoints: params, optimizer state, step, rng and carry, as a pytree of arrays."""
     return {
         "train_state": flax.serialization.to_state_dict({"params": state.params, "opt_state": state.opt_state}),
         "step": jnp.asarray(state.step, jnp.int64 if jax.config.jax_enable_x64 else jnp.int32),
@@ -317,7 +530,8 @@ def _snapshot(state: TrainState, rng, carry) -> dict:
     }
 
 
-def _from_snapshot(template_state: TrainState, snap: dict, carry_template):
+def from_snapshot(template_state: TrainState, snap: dict, carry_template):
+    """``(state, rng, carry)`` from a :func:`snapshot` (restored into ``template_state``'s structure)."""
     restored = flax.serialization.from_state_dict(
         {"params": template_state.params, "opt_state": template_state.opt_state}, snap["train_state"]
     )
@@ -326,8 +540,37 @@ def _from_snapshot(template_state: TrainState, snap: dict, carry_template):
     return state, jax.random.wrap_key_data(snap["rng"]), carry
 
 
+def _alive(tree) -> bool:
+    """False when a buffer of ``tree`` was donated to a step (the state is then unusable)."""
+    return not any(getattr(a, "is_deleted", lambda: False)() for a in jax.tree.leaves(tree))
+
+
 def _scalars(metrics: dict) -> dict:
     return {k: float(v) for k, v in metrics.items()}
+
+
+def read_metrics(path, upto: Optional[int] = None) -> list:
+    """The rows of a JSON-lines metrics file (with ``step <= upto``); a damaged (e.g. half-written) line is dropped."""
+    path = pathlib.Path(path)
+    rows = []
+    if path.exists():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int) and (upto is None or row["step"] <= upto):
+                rows.append(row)
+    return rows
+
+
+def _write_atomic(path: pathlib.Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def fit(
@@ -349,6 +592,8 @@ def fit(
     progress: bool = True,
     mesh: Optional[jax.sharding.Mesh] = None,
     on_eval: Optional[Callable[[int, dict], None]] = None,
+    log: Optional[Callable[[str], None]] = None,
+    handle_signals: bool = True,
 ) -> FitResult:
     """Train for ``num_steps`` steps (in total, counting steps of a resumed run).
 
@@ -363,95 +608,150 @@ def fit(
         steps and at the end; its values are logged with an ``eval_`` prefix.
       checkpoint_dir: where orbax checkpoints go (``None``: no checkpoints).
       save_every, keep: checkpoint every ``save_every`` steps, keep the last ``keep``;
-        a checkpoint is also written at the end and on Ctrl-C.
-      resume: continue from the latest checkpoint in ``checkpoint_dir`` if any.
+        a checkpoint is also written at the end and when stopped by a signal.
+      resume: continue from the newest intact checkpoint in ``checkpoint_dir``
+        if any (a damaged newer one is reported through ``log`` and moved to
+        ``<checkpoint_dir>.damaged/``).
       metrics_path: JSON-lines file, appended with a record every ``log_every``
-        steps and at each evaluation.
+        steps and at each evaluation. On resume, rows past the restored step
+        are removed first, and an evaluation due at that step that a stop
+        interrupted is run again, so the file equals an uninterrupted run's
+        (up to the ``time_s`` column).
       progress: show a tqdm progress bar with the live loss.
       mesh: a mesh with a ``"data"`` axis: batches are sharded over it and the
         state replicated (data-parallel training).
       on_eval: called as ``on_eval(step, eval_metrics)`` after each evaluation.
+      log: where one-line notes go (default: the progress bar's ``write``).
+      handle_signals: in the main thread, SIGINT (Ctrl-C) and SIGTERM stop
+        training after the step in flight, which is saved (see
+        :class:`StopRequest`); ``FitResult.interrupted`` is then true.
 
     Returns:
       :class:`FitResult` ``(state, carry, history, interrupted)``.
 
     Raises:
-      NonFiniteLossError: the loss became NaN/inf; the message names the step.
-        The state of that step is not saved: the last checkpoint stays good.
+      NonFiniteLossError: an update was not finite (loss, gradient norm,
+        parameters or optimizer state); the message names the step. That
+        update is not applied and never saved: the state of the step before
+        it is saved, and every checkpoint holds finite values.
+      CheckpointError: resuming found checkpoints but none intact, or ones of
+        another model.
     """
     from tqdm.auto import tqdm
 
-    ckpt = Checkpointer(checkpoint_dir, save_every=save_every, keep=keep) if checkpoint_dir is not None else None
-    if ckpt is not None and resume and ckpt.latest_step() is not None:
-        snap = ckpt.restore(None, _snapshot(state, rng, carry))
-        state, rng, carry = _from_snapshot(state, snap, carry)
-    if mesh is not None:
-        state = _replicate(state, mesh)
-        if carry is not None:
-            carry = _shard_batch(carry, mesh)
-    metrics_file = None
-    if metrics_path is not None:
-        metrics_path = pathlib.Path(metrics_path)
-        metrics_path.parent.mkdir(parents=True, exist_ok=True)
-        metrics_file = open(metrics_path, "a", encoding="utf-8")
+    bar = tqdm(total=num_steps, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
+    note = log if log is not None else bar.write
+    outer = StopRequest.current()
+    stop = outer if outer is not None else StopRequest(note)
     history: list = []
-
-    def record(entry: dict) -> None:
-        history.append(entry)
-        if metrics_file is not None:
-            metrics_file.write(json.dumps(entry) + "\n")
-            metrics_file.flush()
-
-    def evaluate(step: int) -> None:
-        ev = {f"eval_{k}": float(v) for k, v in eval_fn(state).items()}
-        record(dict(step=step, **ev))
-        if on_eval is not None:
-            on_eval(step, ev)
-
-    start = int(state.step)
+    metrics_file = None
+    ckpt = None
     interrupted = False
-    bar = tqdm(total=num_steps, initial=start, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
-    t0 = time.perf_counter()
-    step = start
+    step = start = int(state.step)
     try:
-        while step < num_steps:
-            batch = batch_fn(step)
+        with stop if handle_signals and outer is None else contextlib.nullcontext():
+            if checkpoint_dir is not None:
+                ckpt = Checkpointer(checkpoint_dir, save_every=save_every, keep=keep)
+                if resume and ckpt.all_steps():
+                    damaged: list = []
+
+                    def fallback(msg: str) -> None:
+                        damaged.append(int(msg.split()[1]))
+                        note(msg)
+
+                    restored_step, snap = ckpt.restore(None, snapshot(state, rng, carry), on_fallback=fallback)
+                    if damaged:
+                        aside = ckpt.directory.with_name(ckpt.directory.name + ".damaged")
+                        ckpt.set_aside(damaged, aside)
+                        note(f"resuming from checkpoint {restored_step}; the damaged ones were moved to {aside}")
+                    state, rng, carry = from_snapshot(state, snap, carry)
+            step = start = int(state.step)
+            bar.reset(total=num_steps)
+            bar.update(start)
             if mesh is not None:
-                batch = _shard_batch(batch, mesh)
-            new_state, metrics, new_carry = train_step(state, batch, jax.random.fold_in(rng, step), carry)
-            loss = float(metrics["loss"])
-            state, carry = new_state, new_carry  # unchanged by the step if the loss was not finite
-            if not math.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"the loss became {loss} at step {step}; training stopped before applying that update "
-                    "(the last checkpoint is intact). Lower the learning rate or the clipping norm, or check the data."
+                state = _replicate(state, mesh)
+                if carry is not None:
+                    carry = _shard_batch(carry, mesh)
+            evaluated: set = set()
+            if metrics_path is not None:
+                metrics_path = pathlib.Path(metrics_path)
+                metrics_path.parent.mkdir(parents=True, exist_ok=True)
+                rows = read_metrics(metrics_path, start)
+                _write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+                evaluated = {r["step"] for r in rows if any(k.startswith("eval_") for k in r)}
+                metrics_file = open(metrics_path, "a", encoding="utf-8")
+
+            def record(entry: dict) -> None:
+                history.append(entry)
+                if metrics_file is not None:
+                    metrics_file.write(json.dumps(entry) + "\n")
+                    metrics_file.flush()
+
+            def evaluate(at: int) -> None:
+                ev = {f"eval_{k}": float(v) for k, v in eval_fn(state).items()}
+                record(dict(step=at, **ev))
+                evaluated.add(at)
+                if on_eval is not None:
+                    on_eval(at, ev)
+
+            def eval_due(at: int) -> bool:
+                return eval_fn is not None and at not in evaluated and (
+                    at == num_steps or (bool(eval_every) and at % eval_every == 0 and at > 0)
                 )
-            step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}")
-            if step % log_every == 0 or step == num_steps:
-                record(dict(step=step, time_s=time.perf_counter() - t0, **_scalars(metrics)))
-            if ckpt is not None:
-                ckpt.save(step, _snapshot(state, rng, carry))
-            if eval_fn is not None and eval_every and step % eval_every == 0 and step < num_steps:
+
+            # an evaluation that a stop cut off right after the checkpoint of its step
+            if start > 0 and start < num_steps and eval_due(start) and stop.signal is None:
+                evaluate(start)
+            t0 = time.perf_counter()
+            while step < num_steps and stop.signal is None:
+                batch = batch_fn(step)
+                if mesh is not None:
+                    batch = _shard_batch(batch, mesh)
+                # the state is donated to the step: bind the new one at once (see _alive for the rest)
+                state, metrics, carry = train_step(state, batch, jax.random.fold_in(rng, step), carry)
+                finite = bool(metrics.pop("finite", True))
+                loss = float(metrics["loss"])
+                if not finite:
+                    raise NonFiniteLossError(
+                        f"update {step + 1} (from batch {step}) was not finite (loss {loss}, gradient norm "
+                        f"{float(metrics['grad_norm'])}): it was not applied, and training stopped with the state "
+                        f"after step {step}. Lower the learning rate or the clipping norm, or check the data "
+                        "(a resumed run would meet the same batch again)."
+                    )
+                step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}")
+                if step % log_every == 0 or step == num_steps:
+                    record(dict(step=step, time_s=time.perf_counter() - t0, **_scalars(metrics)))
+                if ckpt is not None:
+                    ckpt.save(step, snapshot(state, rng, carry))
+                if step < num_steps and eval_due(step):
+                    evaluate(step)
+            interrupted = stop.signal is not None
+            if interrupted:
+                note(f"stopped at step {step} by {signal.Signals(stop.signal).name}")
+            if ckpt is not None and step > start:
+                ckpt.save(step, snapshot(state, rng, carry), force=True)
+            if not interrupted and eval_due(step):
                 evaluate(step)
     except KeyboardInterrupt:
+        # a Ctrl-C raised as an exception (a second signal, or raised by user code)
         interrupted = True
-        bar.write(f"interrupted at step {step}: saving and stopping")
-    except BaseException:
-        if metrics_file is not None:
-            metrics_file.close()
+        if not _alive(state):  # it arrived while the state was donated to the step in flight
+            if ckpt is not None:
+                note(f"interrupted during step {step + 1}: the last checkpoint ({ckpt.latest_step()}) is kept")
+            raise
+        if ckpt is not None and step > start:
+            ckpt.save(step, snapshot(state, rng, carry), force=True)
+            note(f"interrupted at step {step}: saved")
+    except NonFiniteLossError:
+        if ckpt is not None and step > start:
+            ckpt.save(step, snapshot(state, rng, carry), force=True)
         raise
     finally:
         bar.close()
-        if ckpt is not None and step > start:
-            ckpt.save(step, _snapshot(state, rng, carry), force=True)
         if ckpt is not None:
             ckpt.close()
-    try:
-        if eval_fn is not None and not interrupted:
-            evaluate(step)
-    finally:
         if metrics_file is not None:
             metrics_file.close()
     return FitResult(state, carry, history, interrupted)

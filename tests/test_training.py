@@ -1,9 +1,11 @@
-"""Training utilities: losses, the fit loop, checkpoints and resume, NaN guard, sharding, the CLI."""
+"""Training utilities: losses, the fit loop, checkpoints and resume, the non-finite guard, signals, sharding."""
 
 import json
 import math
 import os
 import pathlib
+import shutil
+import signal
 import subprocess
 import sys
 
@@ -155,14 +157,14 @@ def test_nan_guard_names_the_step_and_keeps_last_good_checkpoint(tmp_path):
         batch = stream_batch_fn(step)
         return batch * jnp.nan if step == 6 else batch
 
-    with pytest.raises(training.NonFiniteLossError, match="at step 6"):
+    with pytest.raises(training.NonFiniteLossError, match="from batch 6"):
         training.fit(
             new_state(), training.make_train_step(stream_loss), poisoned, num_steps=10, rng=jax.random.key(7),
             carry=zero_carry(), checkpoint_dir=tmp_path, save_every=4, progress=False,
         )
     ck = training.Checkpointer(tmp_path)
     assert ck.latest_step() == 6  # 6 good updates (steps 0-5), saved on the way out
-    snap = ck.restore(None, training._snapshot(new_state(), jax.random.key(0), zero_carry()))
+    _, snap = ck.restore(None, training.snapshot(new_state(), jax.random.key(0), zero_carry()))
     ck.close()
     assert all(bool(jnp.isfinite(a).all()) for a in jax.tree.leaves(snap["train_state"]))
 
@@ -210,66 +212,161 @@ def test_data_parallel_matches_single_device():
     assert res["single"][-1] < res["single"][0]
 
 
-# ------------------------------------------------------------------ the command line
+# ------------------------------------------------------------------ faults in the loop
 
 
-def cli(*args):
-    from jaxlstm._cli import main
+def test_non_finite_gradients_with_a_finite_loss_are_caught_at_their_step(tmp_path):
+    """A NaN that reaches only the gradients: caught at its own step, never applied, never saved."""
 
-    return main(list(args))
+    @jax.custom_vjp
+    def zero_with_nan_grad(x, flag):  # adds 0 to the loss; its gradient is NaN where flag > 0
+        return jnp.sum(x) * 0.0
 
+    def fwd(x, flag):
+        return jnp.sum(x) * 0.0, flag
 
-def test_cli_train_resume_generate(tmp_path, capsys):
-    text = tmp_path / "t.txt"
-    text.write_text("to be or not to be, that is the question. " * 40, encoding="utf-8")
-    out = tmp_path / "run"
-    common = ["--text", str(text), "--out", str(out), "--seq-len", "16", "--batch-size", "4", "--hidden-size", "16",
-              "--embed-dim", "8", "--eval-every", "3", "--save-every", "3", "--no-progress"]
-    assert cli("train", "--steps", "6", *common) == 0
-    for name in ("config.json", "metrics.jsonl", "loss.png", "sample.txt"):
-        assert (out / name).exists(), name
-    printed = capsys.readouterr().out
-    assert "held-out" in printed and "bits/char" in printed and "sample:" in printed
-    # an existing run needs --resume or --overwrite
-    assert cli("train", "--steps", "6", *common) == 2
-    assert "--resume" in capsys.readouterr().err
-    assert cli("train", "--steps", "9", "--resume", *common) == 0
-    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 9
-    capsys.readouterr()
-    assert cli("generate", "--checkpoint", str(out), "--prompt", "to be", "--length", "20") == 0
-    sample = capsys.readouterr().out
-    assert sample.startswith("to be") and len(sample.rstrip("\n")) >= 25
+    def bwd(flag, g):
+        return jnp.where(flag > 0, jnp.nan, 0.0).astype(jnp.float32) * jnp.ones((1,), jnp.float32), jnp.zeros_like(flag)
 
+    zero_with_nan_grad.defvjp(fwd, bwd)
 
-def test_cli_errors(tmp_path, capsys):
-    def err(*args):
-        assert cli(*args) == 2
-        return capsys.readouterr().err
+    def nan_grads_loss(params, state, batch, rng, carry):
+        loss, aux = stream_loss(params, state, batch, rng, carry)
+        flag = (batch[0, 0, 0] > 10.0).astype(batch.dtype)
+        return loss + zero_with_nan_grad(params["Dense_0"]["bias"], flag), aux
 
-    assert "not found" in err("train", "--text", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "r1"))
-    empty = tmp_path / "empty.txt"
-    empty.write_text("   \n")
-    assert "empty" in err("train", "--text", str(empty), "--out", str(tmp_path / "r2"))
-    latin = tmp_path / "latin.txt"
-    latin.write_bytes("caf\xe9 ".encode("latin-1") * 100)
-    assert "not UTF-8" in err("train", "--text", str(latin), "--out", str(tmp_path / "r3"))
-    short = tmp_path / "short.txt"
-    short.write_text("abcdefghij" * 3)
-    assert "longer than the training text" in err("train", "--text", str(short), "--seq-len", "64", "--out", str(tmp_path / "r4"))
-    assert "not found" in err("generate", "--checkpoint", str(tmp_path / "nothing"))
-    (tmp_path / "notarun").mkdir()
-    assert "no config.json" in err("generate", "--checkpoint", str(tmp_path / "notarun"))
+    def batch_fn(step):
+        b = stream_batch_fn(step)
+        return b.at[0, 0, 0].set(100.0) if step == 6 else b
+
+    with pytest.raises(training.NonFiniteLossError, match=r"update 7 \(from batch 6\).*gradient norm nan"):
+        training.fit(new_state(), training.make_train_step(nan_grads_loss), batch_fn, num_steps=10,
+                     rng=jax.random.key(7), carry=zero_carry(), checkpoint_dir=tmp_path, save_every=4, progress=False)
+    ck = training.Checkpointer(tmp_path)
+    assert ck.all_steps() == [4, 6]
+    step, snap = ck.restore(None, training.snapshot(new_state(), jax.random.key(0), zero_carry()))
+    ck.close()
+    assert step == 6 and all(bool(jnp.isfinite(a).all()) for a in jax.tree.leaves(snap["train_state"]))
 
 
-def test_cli_incompatible_checkpoint(tmp_path, capsys):
-    text = tmp_path / "t.txt"
-    text.write_text("abcdefg hijklmn " * 50)
-    out = tmp_path / "run"
-    assert cli("train", "--text", str(text), "--out", str(out), "--steps", "2", "--seq-len", "8", "--batch-size", "2",
-               "--hidden-size", "8", "--embed-dim", "4", "--no-progress") == 0
-    cfg = json.loads((out / "config.json").read_text())
-    cfg["hidden_size"] = 12  # the checkpoint no longer fits the described model
-    (out / "config.json").write_text(json.dumps(cfg))
-    capsys.readouterr()
-    assert cli("generate", "--checkpoint", str(out)) == 2
-    assert "does not fit the model" in capsys.readouterr().err
+def test_nan_learning_rate_is_never_applied(tmp_path):
+    state = new_state()
+    state = state.replace(tx=optax.adam(float("nan")), opt_state=optax.adam(float("nan")).init(state.params))
+    step = training.make_train_step(stream_loss, donate=False)
+    new, metrics, _ = step(state, stream_batch_fn(0), jax.random.key(0), zero_carry())
+    assert not bool(metrics["finite"]) and bool(jnp.isfinite(metrics["loss"]))
+    assert_same_params(new.params, state.params)
+
+
+def test_checkpointer_refuses_non_finite_values(tmp_path):
+    ck = training.Checkpointer(tmp_path)
+    with pytest.raises(ValueError, match="refusing to save step 3: it holds NaN"):
+        ck.save(3, {"w": jnp.array([1.0, jnp.nan])}, force=True)
+    assert ck.all_steps() == []
+    ck.close()
+
+
+def _damage(step_dir: pathlib.Path):
+    for f in (x for x in (step_dir / "state").rglob("*") if x.is_file() and x.stat().st_size > 64):
+        data = bytearray(f.read_bytes())
+        data[len(data) // 2] ^= 0x55
+        f.write_bytes(bytes(data))
+
+
+# orbax leaves coroutines behind when the read of a damaged checkpoint fails ("Event loop is closed"
+# when they are collected); the checkpoint is reported and skipped all the same
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_damaged_checkpoints_are_skipped_and_reported(tmp_path):
+    tree = {"w": jnp.arange(1000.0), "n": jnp.int32(3)}
+    ck = training.Checkpointer(tmp_path, keep=5)
+    for s in (1, 2, 3):
+        ck.save(s, jax.tree.map(lambda a: a + s, tree), force=True)
+    ck.close()
+    _damage(tmp_path / "3")
+    ck = training.Checkpointer(tmp_path, keep=5, read_only=True)
+    notes = []
+    step, got = ck.restore(None, tree, on_fallback=notes.append)
+    assert step == 2 and float(got["w"][1]) == 3.0
+    assert len(notes) == 1 and notes[0].startswith("checkpoint 3 is damaged")
+    with pytest.raises(training.CheckpointError, match="checkpoint 2 holds .* written by another model"):
+        ck.restore(None, {"w": jnp.zeros(5), "n": jnp.int32(0)})
+    _damage(tmp_path / "2")
+    shutil.rmtree(tmp_path / "1" / "state")  # a partial checkpoint
+    with pytest.raises(training.CheckpointError, match="no intact checkpoint") as info:
+        ck.restore(None, tree)
+    assert "checkpoint 1 is damaged" in str(info.value) and "\n" not in str(info.value)
+    ck.close()
+
+
+# orbax leaves coroutines behind when the read of a damaged checkpoint fails ("Event loop is closed"
+# when they are collected); the checkpoint is reported and skipped all the same
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_resume_falls_back_past_a_damaged_checkpoint_and_stays_exact(tmp_path):
+    straight = run_fit(tmp_path / "a", 14)
+    run_fit(tmp_path / "b", 10)  # checkpoints 8 and 10 (keep=2)
+    _damage(tmp_path / "b" / "10")
+    resumed = run_fit(tmp_path / "b", 14)
+    assert (tmp_path / "b.damaged" / "10").is_dir()
+    assert_same_params(resumed.state.params, straight.state.params)
+    assert_same_params(resumed.state.opt_state, straight.state.opt_state)
+
+
+def test_metrics_are_cut_back_and_a_missed_evaluation_is_redone(tmp_path):
+    """After a stop, metrics.jsonl equals an uninterrupted run's: rows past the checkpoint go, a cut-off eval is rerun."""
+    evals = lambda state: {"norm": optax.tree.norm(state.params)}
+    kw = dict(eval_fn=evals, eval_every=4)
+    run_fit(tmp_path / "a", 12, metrics_path=tmp_path / "a.jsonl", **kw)
+    run_fit(tmp_path / "b", 8, metrics_path=tmp_path / "b.jsonl", **kw)
+    lines = (tmp_path / "b.jsonl").read_text().splitlines()
+    # as if killed after checkpoint 8 but before its evaluation, with two more rows and half a line written
+    lines = [x for x in lines if not ('"step": 8' in x and "eval_" in x)]
+    lines += [json.dumps({"step": 9, "loss": 1.0}), json.dumps({"step": 10, "loss": 1.0}), '{"step": 11, "lo']
+    (tmp_path / "b.jsonl").write_text("\n".join(lines))
+    run_fit(tmp_path / "b", 12, metrics_path=tmp_path / "b.jsonl", **kw)
+
+    def rows(name):
+        return [{k: v for k, v in json.loads(x).items() if k != "time_s"} for x in (tmp_path / name).read_text().splitlines()]
+
+    assert rows("b.jsonl") == rows("a.jsonl")
+
+
+def test_keyboard_interrupt_while_the_state_is_donated_keeps_the_last_checkpoint(tmp_path):
+    """A Ctrl-C that lands after the step consumed (donated) the state: nothing broken is saved, step 4 stays."""
+    real = training.make_train_step(stream_loss)
+    calls = []
+
+    def step(state, batch, rng, carry):
+        out = real(state, batch, rng, carry)
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt  # the old state is donated; the new one never reached fit
+        return out
+
+    with pytest.raises(KeyboardInterrupt):
+        training.fit(new_state(), step, stream_batch_fn, num_steps=12, rng=jax.random.key(7), carry=zero_carry(),
+                     checkpoint_dir=tmp_path, save_every=4, progress=False)
+    ck = training.Checkpointer(tmp_path)
+    assert ck.all_steps() == [4]
+    ck.close()
+
+
+def test_a_signal_stops_after_the_step_in_flight_which_is_saved(tmp_path):
+    """SIGINT/SIGTERM set a flag: the step in flight completes and is saved, and the run resumes exactly."""
+    straight = run_fit(tmp_path / "a", 12)
+
+    def signalling(sig):
+        def batch_fn(step):
+            if step == 5:
+                os.kill(os.getpid(), sig)
+            return stream_batch_fn(step)
+
+        return batch_fn
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        out = tmp_path / signal.Signals(sig).name
+        res = training.fit(new_state(), training.make_train_step(stream_loss), signalling(sig), num_steps=12,
+                           rng=jax.random.key(7), carry=zero_carry(), checkpoint_dir=out, save_every=4, progress=False)
+        assert res.interrupted and int(res.state.step) == 6
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+        resumed = run_fit(out, 12)
+        assert_same_params(resumed.state.params, straight.state.params)

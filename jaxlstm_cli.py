@@ -21,10 +21,10 @@ def main() -> int:
     for name in ("SIGINT", "SIGTERM"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), _hold)
-    from jaxlstm import _cli
+    from jaxlstm.app import cli
 
-    _cli.setup_process()
-    return _cli.main(pending_signal=_received[0] if _received else None)
+    cli.setup_process()
+    return cli.main(pending_signal=_received[0] if _received else None)
 
 
 if __name__ == "__main__":  # pragma: no cover

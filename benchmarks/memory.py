@@ -72,7 +72,14 @@ def main(argv=None) -> int:
                 rss, secs = res.stdout.split()
                 row.update(peak_rss=int(rss), step_s=float(secs))
             rows.append(row)
-            print({key: (f"{v / GB:.2f} GB" if key in ("arguments", "outputs", "temporaries", "total", "peak_rss") else v) for key, v in row.items()})
+            print(
+                {
+                    key: (
+                        f"{v / GB:.2f} GB" if key in ("arguments", "outputs", "temporaries", "total", "peak_rss") else v
+                    )
+                    for key, v in row.items()
+                }
+            )
     lines = [
         f"Training step (grad of sum(outputs**2), seed cell), B = {a.batch}, I = H = {a.size}, float32.",
         "",

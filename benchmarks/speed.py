@@ -31,7 +31,7 @@ import platform
 import statistics
 import sys
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -196,7 +196,7 @@ def flops(B, T, I, H, seed_cell: bool) -> float:
     return float(f)
 
 
-def bench_size(size, names, rounds: int, peak: float, progress: Optional[Callable] = None) -> list[dict]:
+def bench_size(size, names, rounds: int, peak: float, progress: Callable | None = None) -> list[dict]:
     B, T, I, H = size
     prepared = {}
     rows = []
@@ -244,7 +244,8 @@ def table(results: dict) -> str:
         "Speedup = time of Flax `nn.RNN(OptimizedLSTMCell)` / time of the row (higher is faster); "
         "roofline = achieved FLOP/s as a fraction of the machine's matmul rate.",
         "",
-        "| B, T, I, H | implementation | forward ms | forward speedup | forward roofline | train ms | train speedup | train roofline |",
+        "| B, T, I, H | implementation | forward ms | forward speedup | forward roofline "
+        "| train ms | train speedup | train roofline |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in results["rows"]:
@@ -252,7 +253,7 @@ def table(results: dict) -> str:
         if "skipped" in row:
             lines.append(f"| {size} | {row['impl']} | skipped: {row['skipped']} | | | | | |")
             continue
-        sp = lambda k: f"{row[k]:.2f}x" if k in row else "-"
+        sp = lambda k, row=row: f"{row[k]:.2f}x" if k in row else "-"
         lines.append(
             f"| {size} | {row['impl']} | {row['forward_s'] * 1e3:.2f} | {sp('forward_speedup')} | "
             f"{row['forward_roofline']:.0%} | {row['train_s'] * 1e3:.2f} | {sp('train_speedup')} | "
@@ -279,8 +280,16 @@ def floor_checks(results: dict) -> str:
         B, T, I, H = size
         parts = []
         floor = TRAIN_FLOORS.get(size, 1.0)
-        parts.append(_check(f"classic train {classic['train_speedup']:.2f}x", classic["train_speedup"] >= floor, f">= {floor}x"))
-        parts.append(_check(f"classic forward {classic['forward_speedup']:.2f}x", classic["forward_speedup"] >= FORWARD_NOISE, f">= {FORWARD_NOISE}x"))
+        parts.append(
+            _check(f"classic train {classic['train_speedup']:.2f}x", classic["train_speedup"] >= floor, f">= {floor}x")
+        )
+        parts.append(
+            _check(
+                f"classic forward {classic['forward_speedup']:.2f}x",
+                classic["forward_speedup"] >= FORWARD_NOISE,
+                f">= {FORWARD_NOISE}x",
+            )
+        )
         if seed is not None:
             allowed = 1 + H / (4 * (I + H)) + SEED_MARGIN
             for kind in ("forward", "train"):
@@ -337,7 +346,9 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="small grid, few rounds (under two minutes)")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds per size (default 15, quick 5)")
     parser.add_argument("--sizes", type=str, default=None, help="e.g. '8,512,64,128;1,1000,32,128'")
-    parser.add_argument("--impls", type=str, default=None, help="comma-separated subset of: " + ", ".join(IMPLEMENTATIONS))
+    parser.add_argument(
+        "--impls", type=str, default=None, help="comma-separated subset of: " + ", ".join(IMPLEMENTATIONS)
+    )
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
     args = parser.parse_args(argv)
 
@@ -354,7 +365,9 @@ def main(argv=None) -> int:
 
     peak = matmul_rate()
     results = dict(
-        machine=f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores, {jax.devices()[0].device_kind}".replace("  ", " "),
+        machine=(
+            f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores, {jax.devices()[0].device_kind}"
+        ).replace("  ", " "),
         date=datetime.date.today().isoformat(),
         jax=jax.__version__,
         python=sys.version.split()[0],

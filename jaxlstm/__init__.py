@@ -1,27 +1,29 @@
-"""jaxlstm: the seed's LSTM cell, and the classic one, as pure JAX functions.
+"""jaxlstm: LSTMs as pure JAX functions: the classic cell, and a cell whose
+output gate applies a learned map ``W_o c + b_o`` to the cell state.
 
 Shape letters used in every docstring: ``B`` batch, ``T`` time, ``I`` input
 features, ``H`` hidden features.
 """
 
-from importlib.metadata import PackageNotFoundError, version as _version
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
 
-from ._cell import forget_gate as forget_gate
-from ._cell import input_gate as input_gate
 from ._cell import lstm_step as lstm_step
-from ._cell import output_gate as output_gate
+from ._gates import forget_gate as forget_gate
+from ._gates import input_gate as input_gate
+from ._gates import output_gate as output_gate
+from ._init import init_params as init_params
+from ._init import params_from_gates as params_from_gates
+from ._init import zero_state as zero_state
 from ._layer import lstm as lstm
-from ._params import GATE_ORDER as GATE_ORDER
-from ._params import LSTMParams as LSTMParams
-from ._params import LSTMState as LSTMState
-from ._params import init_params as init_params
-from ._params import params_from_gates as params_from_gates
-from ._params import zero_state as zero_state
-from ._stack import BidirectionalParams as BidirectionalParams
-from ._stack import BidirectionalState as BidirectionalState
 from ._stack import bidirectional as bidirectional
 from ._stack import init_stack as init_stack
 from ._stack import lstm_stack as lstm_stack
+from ._types import GATE_ORDER as GATE_ORDER
+from ._types import BidirectionalParams as BidirectionalParams
+from ._types import BidirectionalState as BidirectionalState
+from ._types import LSTMParams as LSTMParams
+from ._types import LSTMState as LSTMState
 
 try:
     __version__ = _version("jaxlstm")
@@ -34,6 +36,7 @@ __all__ = [
     "BidirectionalState",
     "LSTMParams",
     "LSTMState",
+    "__version__",
     "bidirectional",
     "forget_gate",
     "init_params",

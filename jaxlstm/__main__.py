@@ -1,6 +1,6 @@
 import sys
 
-from ._cli import main, setup_process
+from .app.cli import main, setup_process
 
 setup_process()
 sys.exit(main())

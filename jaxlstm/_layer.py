@@ -1,78 +1,108 @@
-"""One LSTM layer over a whole sequence: ``jax.lax.scan`` of the cell step."""
+"""One LSTM layer over a whole sequence: checks, layout, and the choice of scan.
+
+:func:`lstm` checks its arguments at trace time, moves the batch to the
+second axis (the scans are time-major) and dispatches, in :func:`run_time_major`:
+an empty sequence passes its state through; otherwise the padding is zeroed,
+then the scan runs with the hand-written backward pass (:mod:`jaxlstm._bptt`,
+whole sequence or chunked) or with autodiff (:mod:`jaxlstm._scan`).
+The dispatch lives here rather than in ``_scan`` so that ``_bptt`` can build
+on ``_scan`` without an import cycle.
+"""
 
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from . import _errors
-from ._fused import scan_time_major
-from ._params import LSTMParams, LSTMState, check_params, zero_state
-
-Array = jax.Array
-
-
-def _check_unroll(unroll) -> None:
-    if isinstance(unroll, bool):
-        return
-    if not isinstance(unroll, int) or unroll < 1:
-        raise ValueError(f"unroll must be a positive int or a bool; received {unroll!r}.")
-
-
-BACKWARDS = ("fused", "autodiff")
-
-
-def _check_backward(backward, checkpoint_every) -> None:
-    if backward not in BACKWARDS:
-        raise ValueError(
-            f"backward must be one of {BACKWARDS}; received {backward!r}. Use 'autodiff' for forward-mode "
-            "differentiation (jax.jvp, jax.hessian), 'fused' otherwise."
-        )
-    if checkpoint_every is not None and (
-        isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1
-    ):
-        raise ValueError(
-            f"checkpoint_every must be None or a positive int (steps per recomputed chunk); received {checkpoint_every!r}."
-        )
+from ._bptt import checkpointed, fused
+from ._checks import (
+    check_bptt,
+    check_mask,
+    check_params,
+    check_same_dtype,
+    check_seq_lengths,
+    check_sequence,
+    check_state,
+    check_unroll,
+    resolve_bptt,
+    sequence_shape,
+)
+from ._init import zero_state
+from ._scan import autodiff_checkpointed, plain_forward, without_padding
+from ._types import Array, Bptt, LSTMParams, LSTMState
 
 
-def _sequence_shape(xs, time_major: bool) -> tuple[int, tuple]:
-    """``(T, batch_shape)`` of a checked sequence."""
-    if xs.ndim == 2:
-        return xs.shape[0], ()
-    if time_major:
-        return xs.shape[0], (xs.shape[1],)
-    return xs.shape[1], (xs.shape[0],)
-
-
-def prepare(params, xs, state, seq_lengths, time_major: bool, unroll, what: str = "lstm"):
+def prepare(
+    params: LSTMParams, xs: Any, state: Any, seq_lengths: Any, time_major: bool, unroll: Any
+) -> tuple[Array, LSTMState, Array | None]:
     """Check every argument of a layer call at trace time; returns them normalised."""
     check_params(params)
     xs = jnp.asarray(xs)
-    _errors.check_sequence(xs, params.input_size, time_major)
-    _errors.check_same_dtype(xs.dtype, params.dtype, "xs")
-    _check_unroll(unroll)
-    num_steps, batch = _sequence_shape(xs, time_major)
+    check_sequence(xs, params.input_size, time_major)
+    check_same_dtype(xs.dtype, params.dtype, "xs")
+    check_unroll(unroll)
+    num_steps, batch = sequence_shape(xs, time_major)
     if state is None:
         state = zero_state(params, batch)
     else:
-        state = _errors.check_state(state, batch, params.hidden_size, params.dtype)
+        state = check_state(state, batch, params.hidden_size, params.dtype)
     lengths = None
     if seq_lengths is not None:
-        lengths = _errors.check_seq_lengths(seq_lengths, batch, num_steps)
+        lengths = check_seq_lengths(seq_lengths, batch, num_steps)
     return xs, state, lengths
 
 
-@functools.partial(jax.jit, static_argnames=("reverse", "time_major", "unroll", "backward", "checkpoint_every"))
-def _lstm_jit(params, xs, state, lengths, mask, *, reverse, time_major, unroll, backward, checkpoint_every):
+def run_time_major(
+    params: LSTMParams,
+    xs: Array,
+    state: LSTMState,
+    lengths: Array | None,
+    mask: Array | None,
+    *,
+    reverse: bool,
+    unroll: int | bool,
+    bptt: str,
+    checkpoint_every: int | None,
+) -> tuple[Array, LSTMState]:
+    """Dispatch a time-major layer to the autodiff scan, the custom backward, or the chunked custom backward."""
+    if xs.shape[0] == 0:  # nothing to scan: no outputs, the state passes through (and so does its gradient)
+        return jnp.zeros(xs.shape[:-1] + (params.hidden_size,), xs.dtype), state
+    if lengths is not None:
+        xs, lengths = without_padding(xs, lengths)
+    if mask is not None:
+        mask = jax.lax.stop_gradient(mask)
+    if bptt == "autodiff":
+        if checkpoint_every is None:
+            steps = jnp.arange(xs.shape[0], dtype=jnp.int32)
+            return plain_forward(params, xs, state, steps, lengths, mask, reverse, unroll)
+        return autodiff_checkpointed(params, xs, state, lengths, mask, reverse, unroll, checkpoint_every)
+    if checkpoint_every is None:
+        return fused(params, xs, state, lengths, mask, reverse, unroll)
+    return checkpointed(params, xs, state, lengths, mask, reverse, unroll, checkpoint_every)
+
+
+@functools.partial(jax.jit, static_argnames=("reverse", "time_major", "unroll", "bptt", "checkpoint_every"))
+def _lstm_jit(
+    params: LSTMParams,
+    xs: Array,
+    state: LSTMState,
+    lengths: Array | None,
+    mask: Array | None,
+    *,
+    reverse: bool,
+    time_major: bool,
+    unroll: int | bool,
+    bptt: str,
+    checkpoint_every: int | None,
+) -> tuple[Array, LSTMState]:
     batched_batch_major = xs.ndim == 3 and not time_major
     if batched_batch_major:
         xs = jnp.swapaxes(xs, 0, 1)
-    hs, final = scan_time_major(
-        params, xs, state, lengths, mask, reverse=reverse, unroll=unroll, backward=backward, checkpoint_every=checkpoint_every
+    hs, final = run_time_major(
+        params, xs, state, lengths, mask, reverse=reverse, unroll=unroll, bptt=bptt, checkpoint_every=checkpoint_every
     )
     if batched_batch_major:
         hs = jnp.swapaxes(hs, 0, 1)
@@ -82,15 +112,16 @@ def _lstm_jit(params, xs, state, lengths, mask, *, reverse, time_major, unroll, 
 def lstm(
     params: LSTMParams,
     xs: Array,
-    state: Optional[LSTMState] = None,
+    state: LSTMState | None = None,
     *,
-    seq_lengths: Optional[Array] = None,
+    seq_lengths: Array | None = None,
     reverse: bool = False,
     time_major: bool = False,
-    unroll: int = 1,
-    backward: str = "fused",
-    checkpoint_every: Optional[int] = None,
-    recurrent_mask: Optional[Array] = None,
+    unroll: int | bool = 1,
+    bptt: Bptt | None = None,
+    checkpoint_every: int | None = None,
+    recurrent_mask: Array | None = None,
+    backward: str | None = None,
 ) -> tuple[Array, LSTMState]:
     """Run one LSTM layer over a sequence (``jax.lax.scan``, jit-compiled).
 
@@ -113,12 +144,12 @@ def lstm(
         stays at the end). Outputs are always in the input's time order.
       time_major: layout of ``xs`` and the outputs.
       unroll: passed to ``jax.lax.scan``.
-      backward: ``"fused"`` (default): a hand-written backward pass through
-        time (``jax.custom_vjp``) that forms the weight gradients as one large
-        matmul after the reverse scan; fastest for training, supports
-        ``jax.grad``/``jax.vjp`` (also to second order in reverse mode).
-        ``"autodiff"``: plain autodiff through ``lax.scan``; use it for
-        forward mode (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``).
+      bptt: how gradients flow back through time. ``"custom"`` (default): a
+        hand-written backward pass (``jax.custom_vjp``) that forms the weight
+        gradients as one large matmul after the reverse scan; fastest for
+        training, supports ``jax.grad``/``jax.vjp`` (also to second order in
+        reverse mode). ``"autodiff"``: plain autodiff through ``lax.scan``;
+        use it for forward mode (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``).
       checkpoint_every: ``None`` (default) keeps every step's gates for the
         backward pass (memory ``O(T)``). An int ``k`` keeps only the state at
         the start of each chunk of ``k`` steps and recomputes a chunk's gates
@@ -130,6 +161,8 @@ def lstm(
         variational recurrent dropout (Gal & Ghahramani, 2016) when it holds
         ``bernoulli(1 - rate) / (1 - rate)``. Treated as a constant (no
         gradient).
+      backward: deprecated name of ``bptt`` (``"fused"`` is ``"custom"``); it
+        warns and will be removed in the next release.
 
     Returns:
       ``(hiddens, final_state)``: ``hiddens`` in the layout of ``xs`` with
@@ -149,10 +182,11 @@ def lstm(
       >>> bool((hs[1, 4:] == 0).all())
       True
     """
+    bptt = resolve_bptt(bptt, backward)
     xs, state, lengths = prepare(params, xs, state, seq_lengths, time_major, unroll)
-    _check_backward(backward, checkpoint_every)
+    check_bptt(bptt, checkpoint_every)
     if recurrent_mask is not None:
-        recurrent_mask = _errors.check_mask(recurrent_mask, state.hidden.shape, params.dtype)
+        recurrent_mask = check_mask(recurrent_mask, state.hidden.shape, params.dtype)
     try:
         return _lstm_jit(
             params,
@@ -163,14 +197,14 @@ def lstm(
             reverse=bool(reverse),
             time_major=bool(time_major),
             unroll=unroll,
-            backward=backward,
+            bptt=bptt,
             checkpoint_every=checkpoint_every,
         )
     except TypeError as e:
         if "forward-mode" not in str(e):
             raise
         raise TypeError(
-            f'forward-mode differentiation (jax.jvp, jax.jacfwd, jax.hessian) reached the hand-written backward pass '
-            f'(backward="{backward}"), which supports reverse mode only. Pass backward="autodiff" to '
+            "forward-mode differentiation (jax.jvp, jax.jacfwd, jax.hessian) reached the hand-written backward "
+            'pass (bptt="custom", the default), which supports reverse mode only. Pass bptt="autodiff" to '
             "jaxlstm.lstm (or the stack, bidirectional layer or module) for forward mode."
         ) from None

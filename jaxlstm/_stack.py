@@ -3,38 +3,24 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, NamedTuple, Optional, Sequence, Union
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from . import _errors
+from ._checks import check_num_layers, check_rate, describe, resolve_bptt
+from ._init import init_params
 from ._layer import lstm
-from ._params import LSTMParams, LSTMState, init_params
-
-Array = jax.Array
-
-
-class BidirectionalParams(NamedTuple):
-    """Weights of a bidirectional layer: two independent :class:`LSTMParams`."""
-
-    forward: LSTMParams
-    backward: LSTMParams
-
-
-class BidirectionalState(NamedTuple):
-    """State of a bidirectional layer: one :class:`LSTMState` per direction.
-
-    ``backward`` is the state after the backward pass has consumed the *first*
-    time step, i.e. the summary of the whole sequence read right to left.
-    """
-
-    forward: LSTMState
-    backward: LSTMState
-
-
-Layer = Union[LSTMParams, BidirectionalParams]
-LayerState = Union[LSTMState, BidirectionalState]
+from ._types import (
+    Array,
+    BidirectionalParams,
+    BidirectionalState,
+    Bptt,
+    Layer,
+    LayerState,
+    LSTMParams,
+)
 
 _MERGES: dict[str, Callable[[Array, Array], Array]] = {
     "concat": lambda f, b: jnp.concatenate([f, b], axis=-1),
@@ -44,7 +30,8 @@ _MERGES: dict[str, Callable[[Array, Array], Array]] = {
 }
 
 
-def _merge_fn(merge) -> Callable[[Array, Array], Array]:
+def merge_fn(merge: str | Callable[[Array, Array], Any]) -> Callable[[Array, Array], Any]:
+    """The function a bidirectional layer merges its directions with (a name or a function)."""
     if callable(merge):
         return merge
     if merge not in _MERGES:
@@ -54,14 +41,14 @@ def _merge_fn(merge) -> Callable[[Array, Array], Array]:
     return _MERGES[merge]
 
 
-def _dropout_mask(key, rate: float, shape, dtype) -> Array:
+def dropout_mask(key: Array, rate: float, shape: tuple, dtype: Any) -> Array:
     """Inverted-dropout multiplier: ``bernoulli(1 - rate) / (1 - rate)``."""
     keep = jax.random.bernoulli(key, 1.0 - rate, shape)
     return jnp.where(keep, jnp.asarray(1.0 / (1.0 - rate), dtype), jnp.asarray(0.0, dtype))
 
 
 @contextlib.contextmanager
-def _naming(prefix: str):
+def _naming(prefix: str) -> Iterator[None]:
     """Prefix the message of a ``ValueError``/``TypeError`` raised inside, so it names the layer or direction."""
     try:
         yield
@@ -71,7 +58,7 @@ def _naming(prefix: str):
         raise type(e)(prefix + str(e)) from None
 
 
-def _batch_shape(xs, time_major: bool) -> tuple:
+def _batch_shape(xs: Any, time_major: bool) -> tuple:
     shape = jnp.shape(xs)
     if len(shape) != 3:
         return ()
@@ -81,15 +68,16 @@ def _batch_shape(xs, time_major: bool) -> tuple:
 def bidirectional(
     params: BidirectionalParams,
     xs: Array,
-    state: Optional[BidirectionalState] = None,
+    state: BidirectionalState | None = None,
     *,
-    seq_lengths: Optional[Array] = None,
-    merge: Union[str, Callable[[Array, Array], Array]] = "concat",
+    seq_lengths: Array | None = None,
+    merge: str | Callable[[Array, Array], Array] = "concat",
     time_major: bool = False,
-    unroll: int = 1,
-    backward: str = "fused",
-    checkpoint_every: Optional[int] = None,
-    recurrent_masks: Optional[tuple[Array, Array]] = None,
+    unroll: int | bool = 1,
+    bptt: Bptt | None = None,
+    checkpoint_every: int | None = None,
+    recurrent_masks: tuple[Array, Array] | None = None,
+    backward: str | None = None,
 ) -> tuple[Array, BidirectionalState]:
     """A bidirectional LSTM layer: one pass forwards, one backwards, merged.
 
@@ -105,7 +93,7 @@ def bidirectional(
       merge: ``"concat"`` (default, ``[forward, backward]`` on the feature
         axis, ``2H`` features), ``"sum"``, ``"mean"``, ``"mul"`` (``H``
         features), or a function ``(forward, backward) -> merged``.
-      time_major, unroll, backward, checkpoint_every: as in :func:`jaxlstm.lstm`.
+      time_major, unroll, bptt, checkpoint_every: as in :func:`jaxlstm.lstm`.
       recurrent_masks: optional pair ``(forward_mask, backward_mask)``, each
         a ``recurrent_mask`` for :func:`jaxlstm.lstm`.
 
@@ -122,12 +110,13 @@ def bidirectional(
     """
     if not isinstance(params, BidirectionalParams):
         raise TypeError(
-            f"bidirectional expects jaxlstm.BidirectionalParams(forward, backward); received {_errors.describe(params)}."
+            f"bidirectional expects jaxlstm.BidirectionalParams(forward, backward); received {describe(params)}."
         )
-    merge_fn = _merge_fn(merge)
+    bptt = resolve_bptt(bptt, backward, "bidirectional")
+    merge_fn_ = merge_fn(merge)
     for name, p in (("forward", params.forward), ("backward", params.backward)):
         if not isinstance(p, LSTMParams):
-            raise TypeError(f"BidirectionalParams.{name} must be jaxlstm.LSTMParams; received {_errors.describe(p)}.")
+            raise TypeError(f"BidirectionalParams.{name} must be jaxlstm.LSTMParams; received {describe(p)}.")
     h_f, h_b = params.forward.hidden_size, params.backward.hidden_size
     if h_f != h_b and not callable(merge) and merge != "concat":
         raise ValueError(
@@ -139,18 +128,19 @@ def bidirectional(
     if state is not None:
         if not (isinstance(state, tuple) and len(state) == 2):
             raise TypeError(
-                f"state of a bidirectional layer must be BidirectionalState(forward, backward); received {_errors.describe(state)}."
+                "state of a bidirectional layer must be BidirectionalState(forward, backward); "
+                f"received {describe(state)}."
             )
         fwd_state, bwd_state = state
-    kw = dict(
-        seq_lengths=seq_lengths, time_major=time_major, unroll=unroll, backward=backward, checkpoint_every=checkpoint_every
+    kw: dict[str, Any] = dict(
+        seq_lengths=seq_lengths, time_major=time_major, unroll=unroll, bptt=bptt, checkpoint_every=checkpoint_every
     )
     mask_f, mask_b = (None, None) if recurrent_masks is None else recurrent_masks
     with _naming("bidirectional: forward direction: "):
         ys_f, final_f = lstm(params.forward, xs, fwd_state, recurrent_mask=mask_f, **kw)
     with _naming("bidirectional: backward direction: "):
         ys_b, final_b = lstm(params.backward, xs, bwd_state, reverse=True, recurrent_mask=mask_b, **kw)
-    return merge_fn(ys_f, ys_b), BidirectionalState(final_f, final_b)
+    return merge_fn_(ys_f, ys_b), BidirectionalState(final_f, final_b)
 
 
 def init_stack(
@@ -161,7 +151,7 @@ def init_stack(
     num_layers: int = 1,
     bidirectional: bool = False,
     merge: str = "concat",
-    **init_kwargs,
+    **init_kwargs: Any,
 ) -> tuple[Layer, ...]:
     """Random parameters for a stack of (optionally bidirectional) LSTM layers.
 
@@ -187,14 +177,13 @@ def init_stack(
       >>> layers[1].forward.input_size
       8
     """
-    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
-        raise ValueError(f"num_layers must be a positive int; received {num_layers!r}.")
+    check_num_layers(num_layers)
     if bidirectional and (not isinstance(merge, str) or merge not in _MERGES):
         raise ValueError(
             f"init_stack needs a named merge to know the next layer's input size; one of {sorted(_MERGES)}, "
             f"received {merge!r}. For a custom merge, build the layers with jaxlstm.init_params."
         )
-    layers = []
+    layers: list[Layer] = []
     size = input_size
     for k in jax.random.split(key, num_layers):
         if bidirectional:
@@ -215,18 +204,19 @@ def init_stack(
 def lstm_stack(
     layers: Sequence[Layer],
     xs: Array,
-    states: Optional[Sequence[LayerState]] = None,
+    states: Sequence[LayerState] | None = None,
     *,
-    seq_lengths: Optional[Array] = None,
+    seq_lengths: Array | None = None,
     reverse: bool = False,
-    merge: Union[str, Callable[[Array, Array], Array]] = "concat",
+    merge: str | Callable[[Array, Array], Array] = "concat",
     time_major: bool = False,
-    unroll: int = 1,
-    backward: str = "fused",
-    checkpoint_every: Optional[int] = None,
+    unroll: int | bool = 1,
+    bptt: Bptt | None = None,
+    checkpoint_every: int | None = None,
     dropout_rate: float = 0.0,
     recurrent_dropout_rate: float = 0.0,
-    dropout_key: Optional[Array] = None,
+    dropout_key: Array | None = None,
+    backward: str | None = None,
 ) -> tuple[Array, tuple[LayerState, ...]]:
     """Run a stack of LSTM layers, each feeding the next.
 
@@ -240,7 +230,8 @@ def lstm_stack(
       reverse: run the unidirectional layers backwards.
       merge: how bidirectional layers merge their directions (see
         :func:`bidirectional`).
-      time_major, unroll, backward, checkpoint_every: as in :func:`jaxlstm.lstm`.
+      time_major, unroll, bptt, checkpoint_every: as in :func:`jaxlstm.lstm`
+        (``backward`` is the deprecated name of ``bptt``).
       dropout_rate: dropout applied to each layer's output except the last's
         (inverted dropout, so nothing changes at evaluation).
       recurrent_dropout_rate: variational recurrent dropout: one mask per
@@ -264,59 +255,66 @@ def lstm_stack(
     layers = tuple(layers)
     if not layers:
         raise ValueError("lstm_stack needs at least one layer; received an empty sequence.")
-    if states is None:
-        states = (None,) * len(layers)
-    states = tuple(states)
-    if len(states) != len(layers):
+    initial: tuple = (None,) * len(layers) if states is None else tuple(states)
+    if len(initial) != len(layers):
         raise ValueError(
-            f"lstm_stack: received {len(states)} states for {len(layers)} layers; pass one state per layer "
+            f"lstm_stack: received {len(initial)} states for {len(layers)} layers; pass one state per layer "
             "(None for zeros) or states=None."
         )
-    for name, rate in (("dropout_rate", dropout_rate), ("recurrent_dropout_rate", recurrent_dropout_rate)):
-        if not 0.0 <= rate < 1.0:
-            raise ValueError(f"{name} must lie in [0, 1); received {rate}.")
+    bptt = resolve_bptt(bptt, backward, "lstm_stack")
+    check_rate(dropout_rate, "dropout_rate")
+    check_rate(recurrent_dropout_rate, "recurrent_dropout_rate")
     use_dropout = dropout_rate > 0.0 and dropout_key is not None
     use_recurrent = recurrent_dropout_rate > 0.0 and dropout_key is not None
-    keys = jax.random.split(dropout_key, len(layers)) if dropout_key is not None else [None] * len(layers)
+    keys: Any = jax.random.split(dropout_key, len(layers)) if dropout_key is not None else [None] * len(layers)
     batch = _batch_shape(xs, time_major)
     finals = []
     ys = xs
-    for n, (layer, state, key) in enumerate(zip(layers, states, keys)):
-        kw = dict(
+    for n, (layer, state, key) in enumerate(zip(layers, initial, keys)):
+        kw: dict[str, Any] = dict(
             seq_lengths=seq_lengths,
             time_major=time_major,
             unroll=unroll,
-            backward=backward,
+            bptt=bptt,
             checkpoint_every=checkpoint_every,
         )
         if not isinstance(layer, (BidirectionalParams, LSTMParams)):
-            raise TypeError(
-                f"lstm_stack: layer {n} is {_errors.describe(layer)}; expected LSTMParams or BidirectionalParams."
-            )
+            raise TypeError(f"lstm_stack: layer {n} is {describe(layer)}; expected LSTMParams or BidirectionalParams.")
         k_out, k_fwd, k_bwd = jax.random.split(key, 3) if key is not None else (None, None, None)
         with _naming(f"lstm_stack: layer {n}: "):
             ys, final = _stack_layer(
                 layer, ys, state, k_fwd, k_bwd, batch, merge, reverse, use_recurrent, recurrent_dropout_rate, kw
             )
-        if use_dropout and n < len(layers) - 1:
-            ys = ys * _dropout_mask(k_out, dropout_rate, ys.shape, ys.dtype)
+        if use_dropout and k_out is not None and n < len(layers) - 1:
+            ys = ys * dropout_mask(k_out, dropout_rate, ys.shape, ys.dtype)
         finals.append(final)
     return ys, tuple(finals)
 
 
-def _stack_layer(layer, ys, state, k_fwd, k_bwd, batch, merge, reverse, use_recurrent, recurrent_dropout_rate, kw):
+def _stack_layer(
+    layer: Layer,
+    ys: Array,
+    state: Any,
+    k_fwd: Array | None,
+    k_bwd: Array | None,
+    batch: tuple,
+    merge: Any,
+    reverse: bool,
+    use_recurrent: bool,
+    recurrent_dropout_rate: float,
+    kw: dict,
+) -> tuple[Array, LayerState]:
     """One layer of :func:`lstm_stack`, with its recurrent dropout masks."""
     if isinstance(layer, BidirectionalParams):
         masks = None
-        if use_recurrent:
-            masks = tuple(
-                _dropout_mask(k, recurrent_dropout_rate, batch + (p.hidden_size,), p.dtype)
-                for k, p in ((k_fwd, layer.forward), (k_bwd, layer.backward))
+        if use_recurrent and k_fwd is not None and k_bwd is not None:
+            f, b = layer.forward, layer.backward
+            masks = (
+                dropout_mask(k_fwd, recurrent_dropout_rate, batch + (f.hidden_size,), f.dtype),
+                dropout_mask(k_bwd, recurrent_dropout_rate, batch + (b.hidden_size,), b.dtype),
             )
-        ys, final = bidirectional(layer, ys, state, merge=merge, recurrent_masks=masks, **kw)
-    else:
-        mask = None
-        if use_recurrent:
-            mask = _dropout_mask(k_fwd, recurrent_dropout_rate, batch + (layer.hidden_size,), layer.dtype)
-        ys, final = lstm(layer, ys, state, reverse=reverse, recurrent_mask=mask, **kw)
-    return ys, final
+        return bidirectional(layer, ys, state, merge=merge, recurrent_masks=masks, **kw)
+    mask = None
+    if use_recurrent and k_fwd is not None:
+        mask = dropout_mask(k_fwd, recurrent_dropout_rate, batch + (layer.hidden_size,), layer.dtype)
+    return lstm(layer, ys, state, reverse=reverse, recurrent_mask=mask, **kw)

@@ -35,15 +35,16 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from typing import Any, Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._errors import describe as _describe
-from ._params import LSTMParams, LSTMState, check_params
-from ._stack import BidirectionalParams, BidirectionalState
+from ._checks import check_params
+from ._checks import describe as _describe
+from ._types import GATE_ORDER, BidirectionalParams, BidirectionalState, LSTMParams, LSTMState
 
 __all__ = [
     "from_torch_lstm",
@@ -67,8 +68,20 @@ __all__ = [
     "as_classic",
 ]
 
-# jaxlstm's fused block order, written in the classic gate names
-_OURS = ("f", "g", "i", "o")
+# Gate blocks are named as in jaxlstm everywhere here (GATE_ORDER): f1 the forget gate, i the tanh
+# candidate, f2 the sigmoid scaling the candidate (the peers' "input gate"), f3 the output sigmoid.
+_OURS = GATE_ORDER
+#: Each peer's block order, in jaxlstm's gate names. PyTorch, Keras (i, f, c, o), Flax and Equinox
+#: store i, f, g, o; Haiku stores i, g, f, o.
+TORCH_ORDER = ("f2", "f1", "i", "f3")
+KERAS_ORDER = TORCH_ORDER
+FLAX_ORDER = TORCH_ORDER
+EQUINOX_ORDER = TORCH_ORDER
+HAIKU_ORDER = ("f2", "i", "f1", "f3")
+#: jaxlstm gate -> the letter of Flax's per-gate parameter names (``ii``, ``hf``, ...).
+_FLAX_LETTER = {"f2": "i", "f1": "f", "i": "g", "f3": "o"}
+#: jaxlstm gate -> Flax NNX ``LSTMCell``'s input-side layer name.
+_NNX_INPUT = {"f2": "ii", "f1": "if_", "i": "ig", "f3": "io"}
 
 
 # ------------------------------------------------------------------ classic-gate core
@@ -103,8 +116,8 @@ def _join(blocks: Mapping[str, Any], order: Sequence[str], axis: int):
 def _from_classic(wx: Mapping, wh: Mapping, b: Mapping, what: str = "converter") -> LSTMParams:
     """Per-gate blocks in row-vector orientation (``wx[g]`` ``(I, H)``, ``wh[g]`` ``(H, H)``, ``b[g]`` ``(H,)``)."""
     wx, wh, b = ({g: jnp.asarray(m[g]) for g in _OURS} for m in (wx, wh, b))
-    h = wh["f"].shape[-1] if wh["f"].ndim == 2 else -1
-    i = wx["f"].shape[0] if wx["f"].ndim == 2 else -1
+    h = wh["f1"].shape[-1] if wh["f1"].ndim == 2 else -1
+    i = wx["f1"].shape[0] if wx["f1"].ndim == 2 else -1
     for name, blocks, shape in (("input kernel", wx, (i, h)), ("recurrent kernel", wh, (h, h)), ("bias", b, (h,))):
         for g in _OURS:
             if blocks[g].shape != shape or h < 1 or i < 1:
@@ -185,12 +198,14 @@ def _shape_of(sd: dict, key: str, expected: tuple, what: str) -> np.ndarray:
     a = sd[key]
     ok = a.ndim == len(expected) and all(e is None or e == n for e, n in zip(expected, a.shape))
     if not ok:
-        want = "(" + ", ".join("*" if e is None else str(e) for e in expected) + ("," if len(expected) == 1 else "") + ")"
+        want = (
+            "(" + ", ".join("*" if e is None else str(e) for e in expected) + ("," if len(expected) == 1 else "") + ")"
+        )
         raise ValueError(f"{what}: {key} has shape {a.shape}; expected {want}. Nothing is broadcast or truncated.")
     return a
 
 
-def _torch_layer(sd: dict, suffix: str, input_size: Optional[int] = None, what: str = "torch LSTM") -> LSTMParams:
+def _torch_layer(sd: dict, suffix: str, input_size: int | None = None, what: str = "torch LSTM") -> LSTMParams:
     w_hh = _shape_of(sd, f"weight_hh{suffix}", (None, None), what)
     h = w_hh.shape[1]
     if h < 1 or w_hh.shape[0] != 4 * h:
@@ -204,7 +219,7 @@ def _torch_layer(sd: dict, suffix: str, input_size: Optional[int] = None, what: 
         b = _shape_of(sd, biases[0], (4 * h,), what) + _shape_of(sd, biases[1], (4 * h,), what)
     else:
         b = np.zeros((4 * h,), w_ih.dtype)
-    order = ("i", "f", "g", "o")
+    order = TORCH_ORDER
     return _from_classic(_blocks(w_ih.T, order, 1), _blocks(w_hh.T, order, 1), _blocks(b, order, 0))
 
 
@@ -217,6 +232,11 @@ def _refuse_projection(sd: dict) -> None:
 
 
 _TORCH_KEY = re.compile(r"^(weight_ih|weight_hh|bias_ih|bias_hh)_l(\d+)(_reverse)?$")
+
+
+def _layer_number(key: str) -> int:
+    m = _TORCH_KEY.match(key)
+    return int(m.group(2)) if m else -1
 
 
 def from_torch_lstm(src) -> tuple:
@@ -245,17 +265,23 @@ def from_torch_lstm(src) -> tuple:
             "bias_ih_lK, bias_hh_lK (and their _reverse twins). For a torch.nn.LSTMCell use from_torch_cell; "
             "for a model holding an LSTM, pass the LSTM submodule."
         )
-    numbers = {int(_TORCH_KEY.match(k).group(2)) for k in sd}
+    numbers = {_layer_number(k) for k in sd}
     num_layers = max(numbers) + 1
     bidirectional = any(k.endswith("_reverse") for k in sd)
     with_bias = any(k.startswith("bias") for k in sd)
     names = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if with_bias else [])
-    expected = {f"{n}_l{k}{d}" for k in range(num_layers) for n in names for d in ([""] + (["_reverse"] if bidirectional else []))}
-    missing = sorted(expected - set(sd), key=lambda k: (int(_TORCH_KEY.match(k).group(2)), k))
+    expected = {
+        f"{n}_l{k}{d}"
+        for k in range(num_layers)
+        for n in names
+        for d in ([""] + (["_reverse"] if bidirectional else []))
+    }
+    missing = sorted(expected - set(sd), key=lambda k: (_layer_number(k), k))
     if missing:
         raise ValueError(
             f"{what}: the state_dict describes {num_layers} layer(s){' (bidirectional)' if bidirectional else ''}"
-            f"{' with biases' if with_bias else ''} but lacks {missing}. Pass the complete state_dict of one torch.nn.LSTM."
+            f"{' with biases' if with_bias else ''} but lacks {missing}. "
+            "Pass the complete state_dict of one torch.nn.LSTM."
         )
     layers: list = []
     size, hidden = None, None  # layer k > 0 takes D * H inputs
@@ -277,7 +303,7 @@ def from_torch_lstm(src) -> tuple:
 
 def _torch_entries(params: LSTMParams, suffix: str, bias: bool) -> dict:
     wx, wh, b = _to_classic(params)
-    order = ("i", "f", "g", "o")
+    order = TORCH_ORDER
     out = {
         f"weight_ih{suffix}": np.asarray(_join(wx, order, 1)).T,
         f"weight_hh{suffix}": np.asarray(_join(wh, order, 1)).T,
@@ -296,7 +322,7 @@ def _to_tensors(entries: dict):
     return OrderedDict((k, torch.from_numpy(np.array(v, copy=True, order="C"))) for k, v in entries.items())
 
 
-def to_torch_lstm(layers, *, bias: bool = True) -> "OrderedDict":
+def to_torch_lstm(layers, *, bias: bool = True) -> OrderedDict:
     """Layers of the functional API -> a ``state_dict`` for ``torch.nn.LSTM``.
 
     Build the module with the matching ``input_size``, ``hidden_size``,
@@ -329,7 +355,7 @@ def from_torch_cell(src) -> LSTMParams:
     return _torch_layer(sd, "", None, "from_torch_cell")
 
 
-def to_torch_cell(params: LSTMParams, *, bias: bool = True) -> "OrderedDict":
+def to_torch_cell(params: LSTMParams, *, bias: bool = True) -> OrderedDict:
     """:class:`jaxlstm.LSTMParams` -> a ``state_dict`` for ``torch.nn.LSTMCell``."""
     return _to_tensors(_torch_entries(params, "", bias))
 
@@ -355,15 +381,13 @@ def jax_states_to_torch(states) -> tuple:
     torch = _torch()
     hs, cs = [], []
     for s in states:
-        for d in (s if isinstance(s, BidirectionalState) else (s,)):
+        for d in s if isinstance(s, BidirectionalState) else (s,):
             hs.append(np.asarray(d.hidden))
             cs.append(np.asarray(d.cell))
     return torch.from_numpy(np.stack(hs)), torch.from_numpy(np.stack(cs))
 
 
 # ------------------------------------------------------------------ Keras 3
-
-_KERAS = ("i", "f", "g", "o")
 
 
 def from_keras(src) -> LSTMParams:
@@ -384,9 +408,9 @@ def from_keras(src) -> LSTMParams:
     bias = weights[2] if len(weights) == 3 else np.zeros((kernel.shape[1],), kernel.dtype)
     what = "from_keras"
     return _from_classic(
-        _blocks(kernel, _KERAS, 1, f"{what} kernel"),
-        _blocks(recurrent, _KERAS, 1, f"{what} recurrent_kernel"),
-        _blocks(bias, _KERAS, 0, f"{what} bias"),
+        _blocks(kernel, KERAS_ORDER, 1, f"{what} kernel"),
+        _blocks(recurrent, KERAS_ORDER, 1, f"{what} recurrent_kernel"),
+        _blocks(bias, KERAS_ORDER, 0, f"{what} bias"),
         what,
     )
 
@@ -394,8 +418,8 @@ def from_keras(src) -> LSTMParams:
 def to_keras(params: LSTMParams, *, use_bias: bool = True) -> list:
     """:class:`jaxlstm.LSTMParams` -> ``[kernel, recurrent_kernel, bias]`` for ``layer.set_weights``."""
     wx, wh, b = _to_classic(params)
-    out = [np.asarray(_join(wx, _KERAS, 1)), np.asarray(_join(wh, _KERAS, 1))]
-    bias = np.asarray(_join(b, _KERAS, 0))
+    out = [np.asarray(_join(wx, KERAS_ORDER, 1)), np.asarray(_join(wh, KERAS_ORDER, 1))]
+    bias = np.asarray(_join(b, KERAS_ORDER, 0))
     if use_bias:
         out.append(bias)
     elif np.any(bias != 0):
@@ -404,8 +428,6 @@ def to_keras(params: LSTMParams, *, use_bias: bool = True) -> list:
 
 
 # ------------------------------------------------------------------ Flax
-
-_FLAX = ("i", "f", "g", "o")
 
 
 def from_flax_linen(cell_params: Mapping) -> LSTMParams:
@@ -416,9 +438,9 @@ def from_flax_linen(cell_params: Mapping) -> LSTMParams:
     """
     p = cell_params.get("params", cell_params)
     what = "from_flax_linen"
-    wx = {g: _get(p, (f"i{g}", "kernel"), what) for g in _FLAX}
-    wh = {g: _get(p, (f"h{g}", "kernel"), what) for g in _FLAX}
-    b = {g: _get(p, (f"h{g}", "bias"), what) for g in _FLAX}
+    wx = {g: _get(p, (f"i{_FLAX_LETTER[g]}", "kernel"), what) for g in FLAX_ORDER}
+    wh = {g: _get(p, (f"h{_FLAX_LETTER[g]}", "kernel"), what) for g in FLAX_ORDER}
+    b = {g: _get(p, (f"h{_FLAX_LETTER[g]}", "bias"), what) for g in FLAX_ORDER}
     return _from_classic(wx, wh, b, what)
 
 
@@ -426,9 +448,9 @@ def to_flax_linen(params: LSTMParams) -> dict:
     """:class:`jaxlstm.LSTMParams` -> the parameter dict of ``flax.linen.LSTMCell`` / ``OptimizedLSTMCell``."""
     wx, wh, b = _to_classic(params)
     out = {}
-    for g in _FLAX:
-        out[f"i{g}"] = {"kernel": wx[g]}
-        out[f"h{g}"] = {"kernel": wh[g], "bias": b[g]}
+    for g in FLAX_ORDER:
+        out[f"i{_FLAX_LETTER[g]}"] = {"kernel": wx[g]}
+        out[f"h{_FLAX_LETTER[g]}"] = {"kernel": wh[g], "bias": b[g]}
     return out
 
 
@@ -452,15 +474,14 @@ def from_flax_nnx(src) -> LSTMParams:
     p = _pure(src)
     if "dense_i" in p:
         return _from_classic(
-            _blocks(_get(p, ("dense_i", "kernel"), what), _FLAX, 1, what),
-            _blocks(_get(p, ("dense_h", "kernel"), what), _FLAX, 1, what),
-            _blocks(_get(p, ("dense_h", "bias"), what), _FLAX, 0, what),
+            _blocks(_get(p, ("dense_i", "kernel"), what), FLAX_ORDER, 1, what),
+            _blocks(_get(p, ("dense_h", "kernel"), what), FLAX_ORDER, 1, what),
+            _blocks(_get(p, ("dense_h", "bias"), what), FLAX_ORDER, 0, what),
             what,
         )
-    name = {"i": "ii", "f": "if_", "g": "ig", "o": "io"}
-    wx = {g: _get(p, (name[g], "kernel"), what) for g in _FLAX}
-    wh = {g: _get(p, (f"h{g}", "kernel"), what) for g in _FLAX}
-    b = {g: _get(p, (f"h{g}", "bias"), what) for g in _FLAX}
+    wx = {g: _get(p, (_NNX_INPUT[g], "kernel"), what) for g in FLAX_ORDER}
+    wh = {g: _get(p, (f"h{_FLAX_LETTER[g]}", "kernel"), what) for g in FLAX_ORDER}
+    b = {g: _get(p, (f"h{_FLAX_LETTER[g]}", "bias"), what) for g in FLAX_ORDER}
     return _from_classic(wx, wh, b, what)
 
 
@@ -477,15 +498,14 @@ def to_flax_nnx(params: LSTMParams, cell=None, *, optimized: bool = False) -> di
     wx, wh, b = _to_classic(params)
     if optimized:
         pure = {
-            "dense_i": {"kernel": _join(wx, _FLAX, 1)},
-            "dense_h": {"kernel": _join(wh, _FLAX, 1), "bias": _join(b, _FLAX, 0)},
+            "dense_i": {"kernel": _join(wx, FLAX_ORDER, 1)},
+            "dense_h": {"kernel": _join(wh, FLAX_ORDER, 1), "bias": _join(b, FLAX_ORDER, 0)},
         }
     else:
-        name = {"i": "ii", "f": "if_", "g": "ig", "o": "io"}
         pure = {}
-        for g in _FLAX:
-            pure[name[g]] = {"kernel": wx[g]}
-            pure[f"h{g}"] = {"kernel": wh[g], "bias": b[g]}
+        for g in FLAX_ORDER:
+            pure[_NNX_INPUT[g]] = {"kernel": wx[g]}
+            pure[f"h{_FLAX_LETTER[g]}"] = {"kernel": wh[g], "bias": b[g]}
     if cell is not None:
         state = nnx.state(cell, nnx.Param)
         _check_same_shapes(nnx.to_pure_dict(state), pure, "to_flax_nnx")
@@ -512,7 +532,7 @@ def _check_same_shapes(old: Any, new: Any, what: str) -> None:
 
 def from_equinox(cell) -> LSTMParams:
     """``equinox.nn.LSTMCell`` -> :class:`jaxlstm.LSTMParams`."""
-    order = ("i", "f", "g", "o")
+    order = EQUINOX_ORDER
     b = cell.bias if cell.bias is not None else jnp.zeros((cell.weight_ih.shape[0],), cell.weight_ih.dtype)
     what = "from_equinox"
     return _from_classic(
@@ -531,7 +551,7 @@ def to_equinox(params: LSTMParams, cell=None):
     if cell is None:
         cell = eqx.nn.LSTMCell(params.input_size, params.hidden_size, dtype=params.dtype, key=jax.random.key(0))
     wx, wh, b = _to_classic(params)
-    order = ("i", "f", "g", "o")
+    order = EQUINOX_ORDER
     new = (_join(wx, order, 1).T, _join(wh, order, 1).T, _join(b, order, 0))
     for name, old, fresh in zip(("weight_ih", "weight_hh", "bias"), (cell.weight_ih, cell.weight_hh, cell.bias), new):
         if old is not None and old.shape != fresh.shape:
@@ -547,8 +567,6 @@ def to_equinox(params: LSTMParams, cell=None):
 
 
 # ------------------------------------------------------------------ Haiku
-
-_HAIKU = ("i", "g", "f", "o")
 
 
 def from_haiku(params: Mapping, name: str = "lstm") -> LSTMParams:
@@ -570,9 +588,9 @@ def from_haiku(params: Mapping, name: str = "lstm") -> LSTMParams:
         raise ValueError(f"{what}: w has shape {w.shape}; expected (I + H, 4H) with I >= 1.")
     h = w.shape[1] // 4
     i = w.shape[0] - h
-    bb = _blocks(b, _HAIKU, 0, f"{what} b")
-    bb["f"] = bb["f"] + jnp.asarray(1, b.dtype)
-    return _from_classic(_blocks(w[:i], _HAIKU, 1, what), _blocks(w[i:], _HAIKU, 1, what), bb, what)
+    bb = _blocks(b, HAIKU_ORDER, 0, f"{what} b")
+    bb["f1"] = bb["f1"] + jnp.asarray(1, b.dtype)
+    return _from_classic(_blocks(w[:i], HAIKU_ORDER, 1, what), _blocks(w[i:], HAIKU_ORDER, 1, what), bb, what)
 
 
 def to_haiku(params: LSTMParams, name: str = "lstm") -> dict:
@@ -583,6 +601,6 @@ def to_haiku(params: LSTMParams, name: str = "lstm") -> dict:
     """
     wx, wh, b = _to_classic(params)
     b = dict(b)
-    b["f"] = b["f"] - jnp.asarray(1, b["f"].dtype)
-    w = jnp.concatenate([_join(wx, _HAIKU, 1), _join(wh, _HAIKU, 1)], axis=0)
-    return {f"{name}/linear": {"w": w, "b": _join(b, _HAIKU, 0)}}
+    b["f1"] = b["f1"] - jnp.asarray(1, b["f1"].dtype)
+    w = jnp.concatenate([_join(wx, HAIKU_ORDER, 1), _join(wh, HAIKU_ORDER, 1)], axis=0)
+    return {f"{name}/linear": {"w": w, "b": _join(b, HAIKU_ORDER, 0)}}

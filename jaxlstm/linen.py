@@ -12,19 +12,16 @@ and :meth:`LSTM.variables` back.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Union
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from . import _module_common as common
-from ._cell import _step
-from ._params import LSTMParams, LSTMState, layer_initializers, param_shapes
-from ._stack import BidirectionalParams
-
-Initializer = Callable[..., jax.Array]
-_FIELDS = ("w_h", "w_x", "b", "w_o", "b_o")
+from . import _flax_common as common
+from ._init import layer_initializers, param_shapes, zero_state
+from ._types import BidirectionalParams, Initializer, LSTMParams, LSTMState
 
 
 def _declare(module: nn.Module, input_size: int) -> LSTMParams:
@@ -66,28 +63,24 @@ class LSTMCell(nn.RNNCellBase):
 
     hidden_size: int
     output_transform: bool = True
-    dtype: Optional[Any] = None
+    dtype: Any | None = None
     param_dtype: Any = jnp.float32
-    kernel_init: Optional[Initializer] = None
-    recurrent_init: Optional[Initializer] = None
-    bias_init: Optional[Initializer] = None
+    kernel_init: Initializer | None = None
+    recurrent_init: Initializer | None = None
+    bias_init: Initializer | None = None
     forget_bias: float = 1.0
-    output_init: Optional[Initializer] = None
-    output_bias_init: Optional[Initializer] = None
+    output_init: Initializer | None = None
+    output_bias_init: Initializer | None = None
 
     @nn.compact
     def __call__(self, carry: LSTMState, x: jax.Array) -> tuple[LSTMState, jax.Array]:
-        params = _declare(self, x.shape[-1])
-        cdt = common.compute_dtype(x, self.dtype, self.param_dtype)
-        params = common.cast_tree(params, cdt)
-        carry = LSTMState(*common.cast_tree(tuple(carry), cdt))
-        return _step(params, carry, x.astype(cdt))
+        return common.cell_step(_declare(self, x.shape[-1]), carry, x, self.dtype, self.param_dtype)
 
     @nn.nowrap
     def initialize_carry(self, rng: jax.Array, input_shape: tuple[int, ...]) -> LSTMState:
         """Zeros of shape ``input_shape[:-1] + (H,)`` (``rng`` is unused)."""
         del rng
-        return common.zero_carry(input_shape[:-1], self.hidden_size, self.param_dtype)
+        return zero_state(self.hidden_size, tuple(input_shape[:-1]), self.param_dtype)
 
     @property
     def num_feature_axes(self) -> int:
@@ -96,7 +89,7 @@ class LSTMCell(nn.RNNCellBase):
     @staticmethod
     def to_params(cell_params: dict) -> LSTMParams:
         """This cell's parameter dict -> :class:`jaxlstm.LSTMParams`."""
-        return LSTMParams(**{k: cell_params[k] for k in _FIELDS if k in cell_params})
+        return LSTMParams(**{k: cell_params[k] for k in LSTMParams._fields if k in cell_params})
 
     @staticmethod
     def from_params(params: LSTMParams) -> dict:
@@ -110,12 +103,12 @@ class _Direction(nn.Module):
     hidden_size: int
     output_transform: bool
     param_dtype: Any
-    kernel_init: Optional[Initializer]
-    recurrent_init: Optional[Initializer]
-    bias_init: Optional[Initializer]
+    kernel_init: Initializer | None
+    recurrent_init: Initializer | None
+    bias_init: Initializer | None
     forget_bias: float
-    output_init: Optional[Initializer]
-    output_bias_init: Optional[Initializer]
+    output_init: Initializer | None
+    output_bias_init: Initializer | None
 
     @nn.compact
     def __call__(self, input_size: int) -> LSTMParams:
@@ -143,9 +136,9 @@ class LSTM(nn.Module):
       dtype, param_dtype: compute and parameter dtypes.
       kernel_init, recurrent_init, bias_init, forget_bias, output_init,
         output_bias_init: see :func:`jaxlstm.init_params`.
-      unroll, reverse, time_major, backward, checkpoint_every: see
+      unroll, reverse, time_major, bptt, checkpoint_every: see
         :func:`jaxlstm.lstm`; ``reverse`` and ``time_major`` can be overridden
-        per call.
+        per call. ``backward`` is the deprecated name of ``bptt``.
 
     Call: ``model.apply(variables, xs, initial_state=None, *, seq_lengths=None,
     deterministic=None, return_state=False)``. ``xs`` is ``(B, T, I)`` (or
@@ -169,24 +162,25 @@ class LSTM(nn.Module):
     hidden_size: int
     num_layers: int = 1
     bidirectional: bool = False
-    merge: Union[str, Callable[[jax.Array, jax.Array], jax.Array]] = "concat"
+    merge: str | Callable[[jax.Array, jax.Array], jax.Array] = "concat"
     output_transform: bool = True
     dropout_rate: float = 0.0
     recurrent_dropout_rate: float = 0.0
-    deterministic: Optional[bool] = None
-    dtype: Optional[Any] = None
+    deterministic: bool | None = None
+    dtype: Any | None = None
     param_dtype: Any = jnp.float32
-    kernel_init: Optional[Initializer] = None
-    recurrent_init: Optional[Initializer] = None
-    bias_init: Optional[Initializer] = None
+    kernel_init: Initializer | None = None
+    recurrent_init: Initializer | None = None
+    bias_init: Initializer | None = None
     forget_bias: float = 1.0
-    output_init: Optional[Initializer] = None
-    output_bias_init: Optional[Initializer] = None
+    output_init: Initializer | None = None
+    output_bias_init: Initializer | None = None
     unroll: int = 1
     reverse: bool = False
     time_major: bool = False
-    backward: str = "fused"
-    checkpoint_every: Optional[int] = None
+    bptt: str | None = None
+    checkpoint_every: int | None = None
+    backward: str | None = None
 
     def _direction_kwargs(self) -> dict:
         names = (
@@ -201,11 +195,11 @@ class LSTM(nn.Module):
         xs: jax.Array,
         initial_state=None,
         *,
-        seq_lengths: Optional[jax.Array] = None,
-        deterministic: Optional[bool] = None,
+        seq_lengths: jax.Array | None = None,
+        deterministic: bool | None = None,
         return_state: bool = False,
-        reverse: Optional[bool] = None,
-        time_major: Optional[bool] = None,
+        reverse: bool | None = None,
+        time_major: bool | None = None,
     ):
         if self.dropout_rate > 0.0 or self.recurrent_dropout_rate > 0.0:
             # as flax.linen.Dropout: required (constructor or call) once dropout is configured
@@ -217,7 +211,7 @@ class LSTM(nn.Module):
             xs.shape[-1], self.hidden_size, self.num_layers, self.bidirectional, self.merge
         )
         kw = self._direction_kwargs()
-        layers = []
+        layers: list[Any] = []
         for k, size in enumerate(sizes):
             if self.bidirectional:
                 fwd = _Direction(**kw, name=f"layer_{k}_forward")(size)
@@ -239,6 +233,7 @@ class LSTM(nn.Module):
             reverse=reverse,
             time_major=time_major,
             unroll=self.unroll,
+            bptt=self.bptt,
             backward=self.backward,
             checkpoint_every=self.checkpoint_every,
             dropout_rate=self.dropout_rate,
@@ -251,7 +246,7 @@ class LSTM(nn.Module):
     def layers(self, params: dict) -> tuple:
         """This module's ``params`` collection -> layers for :func:`jaxlstm.lstm_stack`."""
         params = params.get("params", params)
-        out = []
+        out: list[Any] = []
         for k in range(self.num_layers):
             if self.bidirectional:
                 out.append(
@@ -307,7 +302,7 @@ class SequenceClassifier(nn.Module):
     dropout_rate: float = 0.0
 
     @nn.compact
-    def __call__(self, tokens, seq_lengths=None, deterministic: Optional[bool] = None):
+    def __call__(self, tokens, seq_lengths=None, deterministic: bool | None = None):
         x = nn.Embed(self.vocab_size, self.embed_dim)(tokens)
         _, states = LSTM(
             self.hidden_size,
@@ -345,10 +340,11 @@ class CharLM(nn.Module):
     output_transform: bool = True
     dropout_rate: float = 0.0
     recurrent_dropout_rate: float = 0.0
-    backward: str = "fused"
+    bptt: str | None = None
+    backward: str | None = None
 
     @nn.compact
-    def __call__(self, tokens, initial_state=None, deterministic: Optional[bool] = None, return_state: bool = False):
+    def __call__(self, tokens, initial_state=None, deterministic: bool | None = None, return_state: bool = False):
         x = nn.Embed(self.vocab_size, self.embed_dim)(tokens)
         ys, states = LSTM(
             self.hidden_size,
@@ -356,6 +352,7 @@ class CharLM(nn.Module):
             output_transform=self.output_transform,
             dropout_rate=self.dropout_rate,
             recurrent_dropout_rate=self.recurrent_dropout_rate,
+            bptt=self.bptt,
             backward=self.backward,
         )(x, initial_state, deterministic=deterministic, return_state=True)
         logits = nn.Dense(self.vocab_size)(ys)

@@ -8,19 +8,17 @@ Both hold their weights as ``nnx.Param`` fields named like the fields of
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Union
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from . import _module_common as common
-from ._cell import _step
-from ._params import LSTMParams, LSTMState, layer_initializers, param_shapes
-from ._stack import BidirectionalParams
-
-Initializer = Callable[..., jax.Array]
-_FIELDS = ("w_h", "w_x", "b", "w_o", "b_o")
+from . import _flax_common as common
+from ._checks import check_rate
+from ._init import layer_initializers, param_shapes, zero_state
+from ._types import BidirectionalParams, Initializer, LSTMParams, LSTMState
 
 
 class LSTMCell(nnx.RNNCellBase):
@@ -54,14 +52,14 @@ class LSTMCell(nnx.RNNCellBase):
         hidden_size: int,
         *,
         output_transform: bool = True,
-        dtype: Optional[Any] = None,
+        dtype: Any | None = None,
         param_dtype: Any = jnp.float32,
-        kernel_init: Optional[Initializer] = None,
-        recurrent_init: Optional[Initializer] = None,
-        bias_init: Optional[Initializer] = None,
+        kernel_init: Initializer | None = None,
+        recurrent_init: Initializer | None = None,
+        bias_init: Initializer | None = None,
         forget_bias: float = 1.0,
-        output_init: Optional[Initializer] = None,
-        output_bias_init: Optional[Initializer] = None,
+        output_init: Initializer | None = None,
+        output_bias_init: Initializer | None = None,
         rngs: nnx.Rngs,
     ):
         self.in_features = in_features
@@ -77,7 +75,7 @@ class LSTMCell(nnx.RNNCellBase):
             output_bias_init=output_bias_init,
         )
         shapes = param_shapes(in_features, hidden_size, output_transform)
-        for name in _FIELDS:
+        for name in LSTMParams._fields:
             if name in shapes:
                 setattr(self, name, nnx.Param(inits[name](rngs.params(), shapes[name], param_dtype)))
             else:
@@ -86,14 +84,16 @@ class LSTMCell(nnx.RNNCellBase):
     @property
     def params(self) -> LSTMParams:
         """The weights as :class:`jaxlstm.LSTMParams` (a view of the current values)."""
-        return LSTMParams(*(None if getattr(self, n) is None else getattr(self, n)[...] for n in _FIELDS))
+        values: dict[str, Any] = {n: getattr(self, n) for n in LSTMParams._fields}
+        arrays: dict[str, Any] = {n: None if v is None else v[...] for n, v in values.items()}
+        return LSTMParams(**arrays)
 
     def set_params(self, params: LSTMParams) -> None:
         """Overwrite the weights from :class:`jaxlstm.LSTMParams` of the same shapes and cell type."""
-        for name, value in zip(_FIELDS, params):
+        for name, value in zip(LSTMParams._fields, params):
             current = getattr(self, name)
             if (current is None) != (value is None):
-                kind = "seed" if self.w_o is not None else "classic"
+                kind = "seed" if getattr(self, "w_o", None) is not None else "classic"
                 raise ValueError(f"cannot set {name}: this is a {kind} cell and the params describe the other kind.")
             if value is not None:
                 if value.shape != current[...].shape:
@@ -101,15 +101,22 @@ class LSTMCell(nnx.RNNCellBase):
                 current[...] = jnp.asarray(value, current[...].dtype)
 
     def __call__(self, carry: LSTMState, x: jax.Array) -> tuple[LSTMState, jax.Array]:
-        cdt = common.compute_dtype(x, self.dtype, self.param_dtype)
-        params = common.cast_tree(self.params, cdt)
-        carry = LSTMState(*common.cast_tree(tuple(carry), cdt))
-        return _step(params, carry, jnp.asarray(x).astype(cdt))
+        return common.cell_step(self.params, carry, x, self.dtype, self.param_dtype)
 
-    def initialize_carry(self, input_shape: tuple[int, ...], rngs: Any = None) -> LSTMState:
-        """Zeros of shape ``input_shape[:-1] + (H,)`` (``rngs`` is unused)."""
-        del rngs
-        return common.zero_carry(input_shape[:-1], self.hidden_size, self.param_dtype)
+    def initialize_carry(self, input_shape: tuple[int, ...], rngs: Any = None, carry_init: Any = None) -> LSTMState:
+        """The initial carry for inputs of ``input_shape``: each field ``input_shape[:-1] + (H,)``.
+
+        Zeros by default. With ``carry_init`` (an initializer ``init(key, shape,
+        dtype)``, as in Flax's cells) both fields are drawn from it with keys
+        from ``rngs`` (``nnx.Rngs``, its ``carry`` stream if it has one).
+        """
+        if carry_init is None:
+            return zero_state(self.hidden_size, tuple(input_shape[:-1]), self.param_dtype)
+        if rngs is None:
+            raise ValueError("initialize_carry: carry_init needs rngs (an nnx.Rngs) to draw the carry from.")
+        stream = rngs.carry if "carry" in rngs else rngs.default
+        shape = tuple(input_shape[:-1]) + (self.hidden_size,)
+        return LSTMState(carry_init(stream(), shape, self.param_dtype), carry_init(stream(), shape, self.param_dtype))
 
     @property
     def num_feature_axes(self) -> int:
@@ -124,8 +131,8 @@ class LSTM(nnx.Module):
       hidden_size: ``H`` of every layer.
       num_layers, bidirectional, merge, output_transform, dropout_rate,
         recurrent_dropout_rate, dtype, param_dtype, initializers, unroll,
-        reverse, time_major, backward, checkpoint_every: as in
-        :class:`jaxlstm.linen.LSTM`.
+        reverse, time_major, bptt, checkpoint_every: as in
+        :class:`jaxlstm.linen.LSTM`; ``reverse`` and ``time_major`` can be overridden per call.
       deterministic: dropout off when ``True``; flipped by ``model.eval()`` /
         ``model.train()`` as for ``nnx.Dropout``, and overridable per call.
       rngs: ``nnx.Rngs``; its ``params`` stream initialises the weights and,
@@ -154,30 +161,30 @@ class LSTM(nnx.Module):
         *,
         num_layers: int = 1,
         bidirectional: bool = False,
-        merge: Union[str, Callable[[jax.Array, jax.Array], jax.Array]] = "concat",
+        merge: str | Callable[[jax.Array, jax.Array], jax.Array] = "concat",
         output_transform: bool = True,
         dropout_rate: float = 0.0,
         recurrent_dropout_rate: float = 0.0,
         deterministic: bool = False,
-        dtype: Optional[Any] = None,
+        dtype: Any | None = None,
         param_dtype: Any = jnp.float32,
-        kernel_init: Optional[Initializer] = None,
-        recurrent_init: Optional[Initializer] = None,
-        bias_init: Optional[Initializer] = None,
+        kernel_init: Initializer | None = None,
+        recurrent_init: Initializer | None = None,
+        bias_init: Initializer | None = None,
         forget_bias: float = 1.0,
-        output_init: Optional[Initializer] = None,
-        output_bias_init: Optional[Initializer] = None,
+        output_init: Initializer | None = None,
+        output_bias_init: Initializer | None = None,
         unroll: int = 1,
         reverse: bool = False,
         time_major: bool = False,
-        backward: str = "fused",
-        checkpoint_every: Optional[int] = None,
+        bptt: str | None = None,
+        checkpoint_every: int | None = None,
+        backward: str | None = None,
         rngs: nnx.Rngs,
     ):
         sizes = common.layer_input_sizes(in_features, hidden_size, num_layers, bidirectional, merge)
-        for name, rate in (("dropout_rate", dropout_rate), ("recurrent_dropout_rate", recurrent_dropout_rate)):
-            if not 0.0 <= rate < 1.0:
-                raise ValueError(f"{name} must lie in [0, 1); received {rate}.")
+        check_rate(dropout_rate, "dropout_rate")
+        check_rate(recurrent_dropout_rate, "recurrent_dropout_rate")
         self.in_features = in_features
         self.hidden_size = hidden_size
         self.num_layers = num_layers
@@ -191,7 +198,8 @@ class LSTM(nnx.Module):
         self.unroll = unroll
         self.reverse = reverse
         self.time_major = time_major
-        self.backward = backward
+        self.bptt = bptt
+        self.backward = backward  # deprecated name of bptt, resolved (with a warning) at call time
         self.checkpoint_every = checkpoint_every
         cell_kw = dict(
             output_transform=output_transform,
@@ -209,7 +217,7 @@ class LSTM(nnx.Module):
         if bidirectional:
             self.backward_cells = nnx.List([LSTMCell(size, hidden_size, **cell_kw) for size in sizes])
         else:
-            self.backward_cells = nnx.data(None)
+            self.backward_cells = nnx.data(None)  # type: ignore[arg-type]
         if dropout_rate > 0.0 or recurrent_dropout_rate > 0.0:
             self.rngs = rngs.dropout.fork()
         else:
@@ -241,12 +249,16 @@ class LSTM(nnx.Module):
         xs: jax.Array,
         initial_state=None,
         *,
-        seq_lengths: Optional[jax.Array] = None,
-        deterministic: Optional[bool] = None,
+        seq_lengths: jax.Array | None = None,
+        deterministic: bool | None = None,
         return_state: bool = False,
-        rngs: Optional[nnx.Rngs] = None,
+        rngs: nnx.Rngs | None = None,
+        reverse: bool | None = None,
+        time_major: bool | None = None,
     ):
         deterministic = self.deterministic if deterministic is None else deterministic
+        reverse = self.reverse if reverse is None else reverse
+        time_major = self.time_major if time_major is None else time_major
         key = None
         if common.needs_dropout_key(deterministic, self.dropout_rate, self.recurrent_dropout_rate, self.num_layers):
             if rngs is not None:
@@ -263,9 +275,10 @@ class LSTM(nnx.Module):
             param_dtype=self.param_dtype,
             seq_lengths=seq_lengths,
             merge=self.merge,
-            reverse=self.reverse,
-            time_major=self.time_major,
+            reverse=reverse,
+            time_major=time_major,
             unroll=self.unroll,
+            bptt=self.bptt,
             backward=self.backward,
             checkpoint_every=self.checkpoint_every,
             dropout_rate=self.dropout_rate,
@@ -316,8 +329,10 @@ class SequenceClassifier(nnx.Module):
         )
         self.head = nnx.Linear(hidden_size * (2 if bidirectional else 1), num_classes, rngs=rngs)
 
-    def __call__(self, tokens, seq_lengths=None, deterministic: Optional[bool] = None):
-        _, states = self.lstm(self.embed(tokens), seq_lengths=seq_lengths, deterministic=deterministic, return_state=True)
+    def __call__(self, tokens, seq_lengths=None, deterministic: bool | None = None):
+        _, states = self.lstm(
+            self.embed(tokens), seq_lengths=seq_lengths, deterministic=deterministic, return_state=True
+        )
         return self.head(common.final_summary(states, self.bidirectional))
 
 
@@ -347,7 +362,8 @@ class CharLM(nnx.Module):
         output_transform: bool = True,
         dropout_rate: float = 0.0,
         recurrent_dropout_rate: float = 0.0,
-        backward: str = "fused",
+        bptt: str | None = None,
+        backward: str | None = None,
         rngs: nnx.Rngs,
     ):
         self.embed = nnx.Embed(vocab_size, embed_dim, rngs=rngs)
@@ -358,12 +374,13 @@ class CharLM(nnx.Module):
             output_transform=output_transform,
             dropout_rate=dropout_rate,
             recurrent_dropout_rate=recurrent_dropout_rate,
+            bptt=bptt,
             backward=backward,
             rngs=rngs,
         )
         self.head = nnx.Linear(hidden_size, vocab_size, rngs=rngs)
 
-    def __call__(self, tokens, initial_state=None, deterministic: Optional[bool] = None, return_state: bool = False):
+    def __call__(self, tokens, initial_state=None, deterministic: bool | None = None, return_state: bool = False):
         ys, states = self.lstm(self.embed(tokens), initial_state, deterministic=deterministic, return_state=True)
         logits = self.head(ys)
         return (logits, states) if return_state else logits

@@ -30,13 +30,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import os
 import pathlib
 import signal
 import threading
 import time
-from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import flax.serialization
 import jax
@@ -44,6 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax.training import train_state as flax_train_state
+
+from .losses import masked_mse, sequence_cross_entropy, sequence_mask, to_bits
 
 TrainState = flax_train_state.TrainState
 
@@ -56,6 +58,7 @@ __all__ = [
     "snapshot",
     "from_snapshot",
     "read_metrics",
+    "write_text_atomic",
     "sequence_mask",
     "sequence_cross_entropy",
     "masked_mse",
@@ -69,82 +72,6 @@ __all__ = [
 ]
 
 
-# ------------------------------------------------------------------ losses
-
-
-def sequence_mask(seq_lengths: jax.Array, num_steps: int) -> jax.Array:
-    """``(B, T)`` boolean mask, true at ``t < seq_lengths[b]``."""
-    return jnp.arange(num_steps)[None, :] < jnp.asarray(seq_lengths)[:, None]
-
-
-def _weights(shape_bt, seq_lengths, mask, dtype):
-    if seq_lengths is not None and mask is not None:
-        raise ValueError("give either seq_lengths or mask, not both.")
-    if seq_lengths is not None:
-        mask = sequence_mask(seq_lengths, shape_bt[1])
-    if mask is None:
-        return jnp.ones(shape_bt, dtype)
-    mask = jnp.asarray(mask)
-    if mask.shape != tuple(shape_bt):
-        raise ValueError(f"mask must have shape {tuple(shape_bt)} (B, T); received {mask.shape}.")
-    return mask.astype(dtype)
-
-
-def sequence_cross_entropy(logits, targets, *, seq_lengths=None, mask=None) -> jax.Array:
-    """Mean next-token cross-entropy in nats over the valid steps.
-
-    Args:
-      logits: ``(B, T, V)``.
-      targets: ``(B, T)`` integer classes.
-      seq_lengths: optional ``(B,)``: steps ``t >= L`` are ignored.
-      mask: optional ``(B, T)`` weights (alternative to ``seq_lengths``).
-
-    Returns:
-      A scalar: the sum of per-step losses over valid steps / their number.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> from jaxlstm.training import sequence_cross_entropy, to_bits
-      >>> logits = jnp.zeros((2, 3, 4))              # uniform over 4 classes
-      >>> loss = sequence_cross_entropy(logits, jnp.zeros((2, 3), jnp.int32), seq_lengths=jnp.array([3, 1]))
-      >>> round(float(to_bits(loss)), 6)             # log2(4) bits
-      2.0
-    """
-    logits = jnp.asarray(logits)
-    if logits.ndim != 3 or jnp.shape(targets) != logits.shape[:2]:
-        raise ValueError(
-            f"expected logits (B, T, V) and targets (B, T); received {logits.shape} and {jnp.shape(targets)}."
-        )
-    per_step = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
-    w = _weights(per_step.shape, seq_lengths, mask, per_step.dtype)
-    return jnp.sum(per_step * w) / jnp.maximum(jnp.sum(w), 1.0)
-
-
-def masked_mse(predictions, targets, *, seq_lengths=None, mask=None) -> jax.Array:
-    """Mean squared error over the valid steps of ``(B, T, ...)`` arrays.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> from jaxlstm.training import masked_mse
-      >>> float(masked_mse(jnp.ones((2, 3)), jnp.zeros((2, 3)), seq_lengths=jnp.array([3, 0])))
-      1.0
-    """
-    predictions, targets = jnp.asarray(predictions), jnp.asarray(targets)
-    if predictions.shape != targets.shape or predictions.ndim < 2:
-        raise ValueError(
-            f"predictions and targets must share a (B, T, ...) shape; received {predictions.shape} and {targets.shape}."
-        )
-    err = (predictions - targets) ** 2
-    err = err.reshape(err.shape[:2] + (-1,)).mean(-1)
-    w = _weights(err.shape, seq_lengths, mask, err.dtype)
-    return jnp.sum(err * w) / jnp.maximum(jnp.sum(w), 1.0)
-
-
-def to_bits(nats):
-    """Nats to bits (divide by ``ln 2``)."""
-    return nats / math.log(2.0)
-
-
 # ------------------------------------------------------------------ optimizer and steps
 
 
@@ -152,7 +79,7 @@ def default_optimizer(
     learning_rate: float = 3e-3,
     *,
     total_steps: int = 1000,
-    warmup_steps: Optional[int] = None,
+    warmup_steps: int | None = None,
     clip_norm: float = 1.0,
     weight_decay: float = 0.0,
 ) -> optax.GradientTransformation:
@@ -214,7 +141,9 @@ def make_train_step(loss_fn: LossFn, *, donate: bool = True) -> Callable:
 
 
 def _tree_finite(tree) -> jax.Array:
-    leaves = [jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(a), jnp.inexact)]
+    leaves = [
+        jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(a), jnp.inexact)
+    ]
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
@@ -353,7 +282,7 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
 
-    def latest_step(self) -> Optional[int]:
+    def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
     def _check_shapes(self, step: int, template) -> None:
@@ -393,7 +322,7 @@ class Checkpointer:
             raise _Corrupt("it holds NaN or infinite values")
         return tree
 
-    def restore(self, step: Optional[int], template, *, on_fallback: Optional[Callable[[str], None]] = None):
+    def restore(self, step: int | None, template, *, on_fallback: Callable[[str], None] | None = None):
         """The checkpoint at ``step``, or (``step=None``) the newest intact one.
 
         Args:
@@ -471,8 +400,8 @@ class StopRequest:
     cannot install handlers, it does nothing.
     """
 
-    def __init__(self, notify: Optional[Callable[[str], None]] = None):
-        self.signal: Optional[int] = None
+    def __init__(self, notify: Callable[[str], None] | None = None):
+        self.signal: int | None = None
         self._notify = notify
         self._old: dict = {}
 
@@ -482,16 +411,18 @@ class StopRequest:
         self.signal = signum
         if self._notify is not None:
             name = signal.Signals(signum).name
-            self._notify(f"{name} received: stopping after the current step and saving it (send it again to stop at once)")
+            self._notify(
+                f"{name} received: stopping after the current step and saving it (send it again to stop at once)"
+            )
 
-    _active: Optional["StopRequest"] = None
+    _active: StopRequest | None = None
 
     @classmethod
-    def current(cls) -> Optional["StopRequest"]:
+    def current(cls) -> StopRequest | None:
         """The request installed by an enclosing ``with StopRequest()``, if any (main thread)."""
         return cls._active
 
-    def __enter__(self) -> "StopRequest":
+    def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
             self._outer, StopRequest._active = StopRequest._active, self
             for s in (signal.SIGINT, signal.SIGTERM):
@@ -524,7 +455,7 @@ def snapshot(state: TrainState, rng, carry) -> dict:
     """What :func:`fit` checkpoints: params, optimizer state, step, rng and carry, as a pytree of arrays."""
     return {
         "train_state": flax.serialization.to_state_dict({"params": state.params, "opt_state": state.opt_state}),
-        "step": jnp.asarray(state.step, jnp.int64 if jax.config.jax_enable_x64 else jnp.int32),
+        "step": jnp.asarray(state.step, jnp.int64 if jax.config.read("jax_enable_x64") else jnp.int32),
         "rng": jax.random.key_data(rng),
         "carry": carry,
     }
@@ -549,7 +480,7 @@ def _scalars(metrics: dict) -> dict:
     return {k: float(v) for k, v in metrics.items()}
 
 
-def read_metrics(path, upto: Optional[int] = None) -> list:
+def read_metrics(path, upto: int | None = None) -> list:
     """The rows of a JSON-lines metrics file (with ``step <= upto``); a damaged (e.g. half-written) line is dropped."""
     path = pathlib.Path(path)
     rows = []
@@ -564,7 +495,8 @@ def read_metrics(path, upto: Optional[int] = None) -> list:
     return rows
 
 
-def _write_atomic(path: pathlib.Path, text: str) -> None:
+def write_text_atomic(path: pathlib.Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: a reader sees the old or the new file."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
@@ -581,7 +513,7 @@ def fit(
     num_steps: int,
     rng: jax.Array,
     carry: Any = None,
-    eval_fn: Optional[Callable[[TrainState], dict]] = None,
+    eval_fn: Callable[[TrainState], dict] | None = None,
     eval_every: int = 0,
     checkpoint_dir=None,
     save_every: int = 0,
@@ -590,9 +522,9 @@ def fit(
     metrics_path=None,
     log_every: int = 10,
     progress: bool = True,
-    mesh: Optional[jax.sharding.Mesh] = None,
-    on_eval: Optional[Callable[[int, dict], None]] = None,
-    log: Optional[Callable[[str], None]] = None,
+    mesh: jax.sharding.Mesh | None = None,
+    on_eval: Callable[[int, dict], None] | None = None,
+    log: Callable[[str], None] | None = None,
     handle_signals: bool = True,
 ) -> FitResult:
     """Train for ``num_steps`` steps (in total, counting steps of a resumed run).
@@ -677,7 +609,7 @@ def fit(
                 metrics_path = pathlib.Path(metrics_path)
                 metrics_path.parent.mkdir(parents=True, exist_ok=True)
                 rows = read_metrics(metrics_path, start)
-                _write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+                write_text_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
                 evaluated = {r["step"] for r in rows if any(k.startswith("eval_") for k in r)}
                 metrics_file = open(metrics_path, "a", encoding="utf-8")
 
@@ -688,6 +620,7 @@ def fit(
                     metrics_file.flush()
 
             def evaluate(at: int) -> None:
+                assert eval_fn is not None
                 ev = {f"eval_{k}": float(v) for k, v in eval_fn(state).items()}
                 record(dict(step=at, **ev))
                 evaluated.add(at)
@@ -695,8 +628,10 @@ def fit(
                     on_eval(at, ev)
 
             def eval_due(at: int) -> bool:
-                return eval_fn is not None and at not in evaluated and (
-                    at == num_steps or (bool(eval_every) and at % eval_every == 0 and at > 0)
+                return (
+                    eval_fn is not None
+                    and at not in evaluated
+                    and (at == num_steps or (bool(eval_every) and at % eval_every == 0 and at > 0))
                 )
 
             # an evaluation that a stop cut off right after the checkpoint of its step
@@ -728,7 +663,7 @@ def fit(
                 if step < num_steps and eval_due(step):
                     evaluate(step)
             interrupted = stop.signal is not None
-            if interrupted:
+            if stop.signal is not None:
                 note(f"stopped at step {step} by {signal.Signals(stop.signal).name}")
             if ckpt is not None and step > start:
                 ckpt.save(step, snapshot(state, rng, carry), force=True)

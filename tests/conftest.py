@@ -22,3 +22,23 @@ def peer_promotion():
     drivers, Keras), which are not written for strict settings. jaxlstm's own code runs strict."""
     with jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):
         yield
+
+
+#: A parametrized test runs this many of its cases in the fast tier (spread over its grid); the
+#: slow tier (CI) runs them all. Each case compiles its own programs, which is what costs the time.
+FAST_CASES_PER_TEST = 2
+
+
+def pytest_collection_modifyitems(config, items):
+    groups = {}
+    for item in items:
+        if getattr(item, "callspec", None) is not None:
+            groups.setdefault((item.module.__name__, item.originalname), []).append(item)
+    for cases in groups.values():
+        n = len(cases)
+        if n <= FAST_CASES_PER_TEST:
+            continue
+        keep = {round(k * (n - 1) / (FAST_CASES_PER_TEST - 1)) for k in range(FAST_CASES_PER_TEST)}
+        for k, item in enumerate(cases):
+            if k not in keep:
+                item.add_marker(pytest.mark.slow)

@@ -57,6 +57,7 @@ def test_state_order_helpers():
 
 # ------------------------------------------------------------------ PyTorch
 
+
 @pytest.fixture
 def torch():
     """PyTorch, or a visible skip where it is not installed (only the PyTorch tests need it)."""

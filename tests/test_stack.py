@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import jaxlstm
-from reference import random_gates, run_batch
+from tests.helpers.reference import random_gates, run_batch
 
 
 def test_bidirectional_against_reference_with_lengths():

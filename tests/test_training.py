@@ -1,7 +1,6 @@
 """Training utilities: losses, the fit loop, checkpoints and resume, the non-finite guard, signals, sharding."""
 
 import json
-import math
 import os
 import pathlib
 import shutil
@@ -23,35 +22,6 @@ from jaxlstm import training
 pytestmark = pytest.mark.usefixtures("peer_promotion")  # optax and orbax run here too
 
 
-# ------------------------------------------------------------------ losses
-
-
-def test_sequence_cross_entropy_against_numpy():
-    rng = np.random.default_rng(0)
-    logits = rng.normal(size=(3, 5, 7))
-    targets = rng.integers(0, 7, size=(3, 5))
-    lengths = np.array([5, 2, 0])
-    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-    picked = np.take_along_axis(logp, targets[..., None], -1)[..., 0]
-    valid = np.arange(5)[None] < lengths[:, None]
-    expected = -(picked * valid).sum() / valid.sum()
-    got = training.sequence_cross_entropy(jnp.asarray(logits), jnp.asarray(targets), seq_lengths=jnp.asarray(lengths))
-    np.testing.assert_allclose(got, expected, rtol=1e-6)  # computed in float32
-    np.testing.assert_allclose(training.to_bits(got), expected / math.log(2), rtol=1e-6)
-    with_mask = training.sequence_cross_entropy(jnp.asarray(logits), jnp.asarray(targets), mask=jnp.asarray(valid))
-    np.testing.assert_allclose(with_mask, got, rtol=1e-7)
-
-
-def test_masked_mse_against_numpy():
-    rng = np.random.default_rng(1)
-    p, t = rng.normal(size=(2, 4, 3)), rng.normal(size=(2, 4, 3))
-    valid = np.array([[1, 1, 1, 0], [1, 0, 0, 0]], bool)
-    expected = (((p - t) ** 2).mean(-1) * valid).sum() / valid.sum()
-    np.testing.assert_allclose(training.masked_mse(p, t, seq_lengths=jnp.array([3, 1])), expected, rtol=1e-12)
-    with pytest.raises(ValueError, match="mask must have shape"):
-        training.masked_mse(p, t, mask=jnp.ones((2, 3)))
-
-
 # ------------------------------------------------------------------ a small stateful model for the loop
 
 
@@ -60,9 +30,11 @@ class TinyStreamModel(nn.Module):
 
     @nn.compact
     def __call__(self, xs, carry, rng):
-        ys, states = jl.LSTM(8, recurrent_dropout_rate=0.2)(
-            xs, carry, deterministic=False, return_state=True
-        ) if rng is not None else (None, None)
+        ys, states = (
+            jl.LSTM(8, recurrent_dropout_rate=0.2)(xs, carry, deterministic=False, return_state=True)
+            if rng is not None
+            else (None, None)
+        )
         return nn.Dense(1)(ys), states
 
 
@@ -80,8 +52,12 @@ def stream_loss(params, state, batch, rng, carry):
 
 def new_state(lr=1e-2):
     model = TinyStreamModel()
-    params = model.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, stream_batch_fn(0)[:, :-1], None, jax.random.key(2))["params"]
-    return training.TrainState.create(apply_fn=model.apply, params=params, tx=training.default_optimizer(lr, total_steps=30))
+    params = model.init(
+        {"params": jax.random.key(0), "dropout": jax.random.key(1)}, stream_batch_fn(0)[:, :-1], None, jax.random.key(2)
+    )["params"]
+    return training.TrainState.create(
+        apply_fn=model.apply, params=params, tx=training.default_optimizer(lr, total_steps=30)
+    )
 
 
 def zero_carry():
@@ -109,6 +85,9 @@ def run_fit(tmp, num_steps, **kw):
 def assert_same_params(a, b):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+# ------------------------------------------------------------------ the loop
 
 
 def test_fit_learns_and_writes_metrics(tmp_path):
@@ -143,8 +122,15 @@ def test_ctrl_c_saves_and_resumes_exactly(tmp_path):
         return stream_batch_fn(step)
 
     res = training.fit(
-        new_state(), training.make_train_step(stream_loss), interrupting, num_steps=12, rng=jax.random.key(7),
-        carry=zero_carry(), checkpoint_dir=tmp_path / "b", save_every=4, progress=False,
+        new_state(),
+        training.make_train_step(stream_loss),
+        interrupting,
+        num_steps=12,
+        rng=jax.random.key(7),
+        carry=zero_carry(),
+        checkpoint_dir=tmp_path / "b",
+        save_every=4,
+        progress=False,
     )
     assert res.interrupted and int(res.state.step) == 5
     assert (tmp_path / "b" / "5").exists()
@@ -159,8 +145,15 @@ def test_nan_guard_names_the_step_and_keeps_last_good_checkpoint(tmp_path):
 
     with pytest.raises(training.NonFiniteLossError, match="from batch 6"):
         training.fit(
-            new_state(), training.make_train_step(stream_loss), poisoned, num_steps=10, rng=jax.random.key(7),
-            carry=zero_carry(), checkpoint_dir=tmp_path, save_every=4, progress=False,
+            new_state(),
+            training.make_train_step(stream_loss),
+            poisoned,
+            num_steps=10,
+            rng=jax.random.key(7),
+            carry=zero_carry(),
+            checkpoint_dir=tmp_path,
+            save_every=4,
+            progress=False,
         )
     ck = training.Checkpointer(tmp_path)
     assert ck.latest_step() == 6  # 6 good updates (steps 0-5), saved on the way out
@@ -193,7 +186,8 @@ model = M()
 params = model.init(jax.random.key(0), batch_fn(0))["params"]
 results = {}
 for name, mesh in (("single", None), ("sharded", training.data_mesh())):
-    st = training.TrainState.create(apply_fn=model.apply, params=params, tx=training.default_optimizer(1e-2, total_steps=8))
+    tx = training.default_optimizer(1e-2, total_steps=8)
+    st = training.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
     res = training.fit(st, training.make_train_step(loss, donate=False), batch_fn, num_steps=8,
                        rng=jax.random.key(1), progress=False, log_every=1, mesh=mesh)
     results[name] = [h["loss"] for h in res.history]
@@ -201,6 +195,7 @@ print(json.dumps(dict(devices=jax.device_count(), **results)))
 """
 
 
+@pytest.mark.slow  # a subprocess with 4 simulated devices
 def test_data_parallel_matches_single_device():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
@@ -240,8 +235,17 @@ def test_non_finite_gradients_with_a_finite_loss_are_caught_at_their_step(tmp_pa
         return b.at[0, 0, 0].set(100.0) if step == 6 else b
 
     with pytest.raises(training.NonFiniteLossError, match=r"update 7 \(from batch 6\).*gradient norm nan"):
-        training.fit(new_state(), training.make_train_step(nan_grads_loss), batch_fn, num_steps=10,
-                     rng=jax.random.key(7), carry=zero_carry(), checkpoint_dir=tmp_path, save_every=4, progress=False)
+        training.fit(
+            new_state(),
+            training.make_train_step(nan_grads_loss),
+            batch_fn,
+            num_steps=10,
+            rng=jax.random.key(7),
+            carry=zero_carry(),
+            checkpoint_dir=tmp_path,
+            save_every=4,
+            progress=False,
+        )
     ck = training.Checkpointer(tmp_path)
     assert ck.all_steps() == [4, 6]
     step, snap = ck.restore(None, training.snapshot(new_state(), jax.random.key(0), zero_carry()))
@@ -312,7 +316,7 @@ def test_resume_falls_back_past_a_damaged_checkpoint_and_stays_exact(tmp_path):
 
 
 def test_metrics_are_cut_back_and_a_missed_evaluation_is_redone(tmp_path):
-    """After a stop, metrics.jsonl equals an uninterrupted run's: rows past the checkpoint go, a cut-off eval is rerun."""
+    """After a stop, metrics.jsonl equals an uninterrupted run's: later rows go, a cut-off evaluation is rerun."""
     evals = lambda state: {"norm": optax.tree.norm(state.params)}
     kw = dict(eval_fn=evals, eval_every=4)
     run_fit(tmp_path / "a", 12, metrics_path=tmp_path / "a.jsonl", **kw)
@@ -325,7 +329,10 @@ def test_metrics_are_cut_back_and_a_missed_evaluation_is_redone(tmp_path):
     run_fit(tmp_path / "b", 12, metrics_path=tmp_path / "b.jsonl", **kw)
 
     def rows(name):
-        return [{k: v for k, v in json.loads(x).items() if k != "time_s"} for x in (tmp_path / name).read_text().splitlines()]
+        return [
+            {k: v for k, v in json.loads(x).items() if k != "time_s"}
+            for x in (tmp_path / name).read_text().splitlines()
+        ]
 
     assert rows("b.jsonl") == rows("a.jsonl")
 
@@ -343,8 +350,17 @@ def test_keyboard_interrupt_while_the_state_is_donated_keeps_the_last_checkpoint
         return out
 
     with pytest.raises(KeyboardInterrupt):
-        training.fit(new_state(), step, stream_batch_fn, num_steps=12, rng=jax.random.key(7), carry=zero_carry(),
-                     checkpoint_dir=tmp_path, save_every=4, progress=False)
+        training.fit(
+            new_state(),
+            step,
+            stream_batch_fn,
+            num_steps=12,
+            rng=jax.random.key(7),
+            carry=zero_carry(),
+            checkpoint_dir=tmp_path,
+            save_every=4,
+            progress=False,
+        )
     ck = training.Checkpointer(tmp_path)
     assert ck.all_steps() == [4]
     ck.close()
@@ -364,8 +380,17 @@ def test_a_signal_stops_after_the_step_in_flight_which_is_saved(tmp_path):
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         out = tmp_path / signal.Signals(sig).name
-        res = training.fit(new_state(), training.make_train_step(stream_loss), signalling(sig), num_steps=12,
-                           rng=jax.random.key(7), carry=zero_carry(), checkpoint_dir=out, save_every=4, progress=False)
+        res = training.fit(
+            new_state(),
+            training.make_train_step(stream_loss),
+            signalling(sig),
+            num_steps=12,
+            rng=jax.random.key(7),
+            carry=zero_carry(),
+            checkpoint_dir=out,
+            save_every=4,
+            progress=False,
+        )
         assert res.interrupted and int(res.state.step) == 6
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
         resumed = run_fit(out, 12)

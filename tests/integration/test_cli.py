@@ -15,12 +15,25 @@ import subprocess
 
 import pytest
 
-from jaxlstm._cli import main
+from jaxlstm.app.cli import main
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("peer_promotion")]
 
-SMALL = ["--seq-len", "16", "--batch-size", "4", "--hidden-size", "16", "--embed-dim", "8", "--eval-every", "3",
-         "--save-every", "3", "--no-progress"]
+SMALL = [
+    "--seq-len",
+    "16",
+    "--batch-size",
+    "4",
+    "--hidden-size",
+    "16",
+    "--embed-dim",
+    "8",
+    "--eval-every",
+    "3",
+    "--save-every",
+    "3",
+    "--no-progress",
+]
 
 
 def cli(*args):
@@ -61,7 +74,9 @@ def test_train_resume_generate(tmp_path, text, capsys):
 
 
 def test_input_errors(tmp_path, capsys):
-    assert "not found" in one_line_error(capsys, "train", "--text", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "r1"))
+    assert "not found" in one_line_error(
+        capsys, "train", "--text", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "r1")
+    )
     empty = tmp_path / "empty.txt"
     empty.write_text("   \n")
     assert "empty" in one_line_error(capsys, "train", "--text", str(empty), "--out", str(tmp_path / "r2"))
@@ -137,8 +152,22 @@ def test_resume_refuses_changes_and_lists_them(tmp_path, text, capsys):
     out = tmp_path / "run"
     assert cli("train", "--text", str(text), "--out", str(out), "--steps", "3", *SMALL) == 0
     capsys.readouterr()
-    msg = one_line_error(capsys, "train", "--out", str(out), "--resume", "--hidden-size", "32", "--lr", "0.1", "--classic",
-                         "--batch-size", "8", "--layers", "2")
+    msg = one_line_error(
+        capsys,
+        "train",
+        "--out",
+        str(out),
+        "--resume",
+        "--hidden-size",
+        "32",
+        "--lr",
+        "0.1",
+        "--classic",
+        "--batch-size",
+        "8",
+        "--layers",
+        "2",
+    )
     for flag in ("--hidden-size", "--lr", "--classic", "--batch-size", "--layers"):
         assert flag in msg
     other = tmp_path / "other.txt"
@@ -163,7 +192,9 @@ def test_resume_from_another_folder_with_a_relative_text_path(tmp_path, text, ca
     text.rename(moved)
     capsys.readouterr()
     assert "is gone; pass --text" in one_line_error(capsys, "train", "--out", str(out), "--resume", "--steps", "5")
-    assert cli("train", "--out", str(out), "--resume", "--steps", "5", "--text", str(moved)) == 0  # same bytes: accepted
+    assert (
+        cli("train", "--out", str(out), "--resume", "--steps", "5", "--text", str(moved)) == 0
+    )  # same bytes: accepted
 
 
 def test_edited_config_and_damaged_files(tmp_path, text, capsys):
@@ -196,8 +227,18 @@ def test_out_naming_a_file_and_memory_guard(tmp_path, text, capsys):
     f = tmp_path / "afile"
     f.write_text("x")
     assert "is a file" in one_line_error(capsys, "train", "--text", str(text), "--out", str(f))
-    msg = one_line_error(capsys, "train", "--text", str(text), "--out", str(tmp_path / "big"), "--batch-size", "3000000",
-                         "--seq-len", "128")
+    msg = one_line_error(
+        capsys,
+        "train",
+        "--text",
+        str(text),
+        "--out",
+        str(tmp_path / "big"),
+        "--batch-size",
+        "3000000",
+        "--seq-len",
+        "128",
+    )
     assert "lower --batch-size" in msg and "GiB" in msg
     assert not (tmp_path / "big").exists()
 
@@ -224,16 +265,35 @@ def small_disk(tmp_path):
 def test_full_disk_is_one_line_and_keeps_earlier_checkpoints(small_disk, text, capsys):
     out = small_disk / "run"
     # about 0.85 MB per checkpoint (H = 128, with Adam's moments): the second one does not fit
-    rc = cli("train", "--text", str(text), "--out", str(out), "--steps", "20", "--save-every", "2",
-             "--seq-len", "16", "--batch-size", "4", "--hidden-size", "128", "--embed-dim", "8", "--eval-every", "100",
-             "--no-progress")
+    rc = cli(
+        "train",
+        "--text",
+        str(text),
+        "--out",
+        str(out),
+        "--steps",
+        "20",
+        "--save-every",
+        "2",
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "4",
+        "--hidden-size",
+        "128",
+        "--embed-dim",
+        "8",
+        "--eval-every",
+        "100",
+        "--no-progress",
+    )
     err = capsys.readouterr().err
     assert rc != 0 and "Traceback" not in err
     lines = [x for x in err.splitlines() if x.strip()]
     assert len(lines) == 1 and "No space left on device" in lines[0], err
     steps = sorted(int(d.name) for d in (out / "checkpoints").iterdir() if d.name.isdigit())
     assert steps and steps[-1] >= 2  # what was saved before the disk filled is there ...
-    from jaxlstm import charlm
+    from jaxlstm.app import charlm
 
     with __import__("jax").enable_x64(False):
         charlm.load(out, log=lambda m: None)  # ... and intact

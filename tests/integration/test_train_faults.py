@@ -31,8 +31,21 @@ STEPS = 120
 # H = 128, the size at which Ctrl-C used to land while the state was donated to the step; a save
 # every 10 steps keeps a checkpoint write in flight much of the time, so signals land in saves too
 ARGS = [
-    "--steps", str(STEPS), "--seq-len", "64", "--batch-size", "16", "--hidden-size", "128", "--embed-dim", "16",
-    "--eval-every", "30", "--save-every", "10", "--no-progress",
+    "--steps",
+    str(STEPS),
+    "--seq-len",
+    "64",
+    "--batch-size",
+    "16",
+    "--hidden-size",
+    "128",
+    "--embed-dim",
+    "16",
+    "--eval-every",
+    "30",
+    "--save-every",
+    "10",
+    "--no-progress",
 ]
 
 
@@ -67,9 +80,7 @@ class Proc:
     """A ``jaxlstm train`` subprocess whose output lines are read as they come."""
 
     def __init__(self, cmd):
-        self.p = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV
-        )
+        self.p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
         self.lines: list[str] = []
         self._q: queue.Queue = queue.Queue()
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -105,7 +116,7 @@ class Proc:
 
 
 def _final_state(out: pathlib.Path):
-    from jaxlstm import charlm, training
+    from jaxlstm.app import charlm, training
 
     with jax.enable_x64(False):  # as the command ran
         cfg = charlm.read_config(out)
@@ -219,8 +230,18 @@ def test_damaged_latest_checkpoint_falls_back(reference, tmp_path):
         data = bytearray(f.read_bytes())
         data[len(data) // 2] ^= 0xFF
         f.write_bytes(bytes(data))
-    g = Proc([sys.executable, "-c", "import sys, jaxlstm_cli; sys.exit(jaxlstm_cli.main())", "generate",
-              "--checkpoint", str(out), "--length", "20"])
+    g = Proc(
+        [
+            sys.executable,
+            "-c",
+            "import sys, jaxlstm_cli; sys.exit(jaxlstm_cli.main())",
+            "generate",
+            "--checkpoint",
+            str(out),
+            "--length",
+            "20",
+        ]
+    )
     assert g.finish() == 0, g.output
     assert f"checkpoint {steps[-1]} is damaged" in g.output and "Traceback" not in g.output
     q = Proc(_command(out, "--resume"))

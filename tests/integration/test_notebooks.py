@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-NOTEBOOKS = sorted((pathlib.Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
+NOTEBOOKS = sorted((pathlib.Path(__file__).resolve().parents[2] / "notebooks").glob("*.ipynb"))
 
 RUNNER = r"""
 import sys, nbformat
@@ -34,7 +34,11 @@ def test_there_are_six_notebooks():
 def test_notebook_runs(path):
     env = dict(os.environ, JAXLSTM_NOTEBOOK_QUICK="1", MPLBACKEND="Agg")
     out = subprocess.run(
-        [sys.executable, "-c", RUNNER, str(path), str(path.parent)], capture_output=True, text=True, env=env, timeout=900
+        [sys.executable, "-c", RUNNER, str(path), str(path.parent)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
     )
     # nbclient raises CellExecutionError naming the failing cell and its traceback
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]

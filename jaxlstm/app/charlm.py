@@ -25,14 +25,15 @@ import pathlib
 import shutil
 import signal
 import time
-from typing import Callable, NamedTuple, Optional, Union
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import training
-from .linen import CharLM
+from .. import training
+from ..linen import CharLM
 
 DEFAULT_CORPUS = "shakespeare.txt.gz"
 VALID_FRACTION = 0.05
@@ -70,14 +71,23 @@ class Config:
     eval_every: int = 500
     save_every: int = 500
     output_transform: bool = True
-    text: Optional[str] = None  # absolute path of the text, None: the embedded corpus
+    text: str | None = None  # absolute path of the text, None: the embedded corpus
     text_sha256: str = ""
     vocab: str = ""
     schedule_steps: int = 0  # the steps the learning-rate schedule was built for (0: ``steps``)
 
 
 #: Fields that define the trained function and its data; ``--resume`` refuses to change them.
-IDENTITY = ("embed_dim", "hidden_size", "num_layers", "seq_len", "batch_size", "learning_rate", "seed", "output_transform")
+IDENTITY = (
+    "embed_dim",
+    "hidden_size",
+    "num_layers",
+    "seq_len",
+    "batch_size",
+    "learning_rate",
+    "seed",
+    "output_transform",
+)
 #: Command-line names of the fields, for messages.
 FLAGS = {
     "embed_dim": "--embed-dim",
@@ -93,7 +103,16 @@ FLAGS = {
     "output_transform": "--classic",
     "text": "--text",
 }
-_POSITIVE_INTS = ("embed_dim", "hidden_size", "num_layers", "seq_len", "batch_size", "steps", "eval_every", "save_every")
+_POSITIVE_INTS = (
+    "embed_dim",
+    "hidden_size",
+    "num_layers",
+    "seq_len",
+    "batch_size",
+    "steps",
+    "eval_every",
+    "save_every",
+)
 
 
 def check_config(cfg: Config, source: str) -> Config:
@@ -130,7 +149,7 @@ def _sha256(data: bytes) -> str:
 
 
 def _embedded_bytes() -> bytes:
-    return gzip.decompress(importlib.resources.files("jaxlstm.data").joinpath(DEFAULT_CORPUS).read_bytes())
+    return gzip.decompress(importlib.resources.files("jaxlstm.app.data").joinpath(DEFAULT_CORPUS).read_bytes())
 
 
 def _read_text_file(p: pathlib.Path) -> bytes:
@@ -149,7 +168,7 @@ def _decode(raw: bytes, p: pathlib.Path) -> str:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise RunError(
-            f"{p} is not UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r}). Convert it first, e.g. "
+            f"{p} is not UTF-8 (byte {e.start}: {raw[e.start : e.start + 1]!r}). Convert it first, e.g. "
             f"iconv -f latin1 -t utf-8 {p.name} > {p.stem}.utf8.txt"
         ) from None
     if not text.strip():
@@ -157,12 +176,12 @@ def _decode(raw: bytes, p: pathlib.Path) -> str:
     return text
 
 
-def load_text(path: Optional[str]) -> str:
+def load_text(path: str | None) -> str:
     """The training text: a UTF-8 file, or the embedded corpus when ``path`` is None."""
     return _load(path)[0]
 
 
-def _load(path: Optional[str]) -> tuple[str, str]:
+def _load(path: str | None) -> tuple[str, str]:
     """``(text, sha256 of its bytes)``."""
     if path is None:
         raw = _embedded_bytes()
@@ -282,7 +301,7 @@ def estimate_step_bytes(cfg: Config, vocab_size: int) -> int:
     return 4 * (rows * per_row + 3 * params)
 
 
-def _memory_bytes() -> Optional[int]:
+def _memory_bytes() -> int | None:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
@@ -302,27 +321,20 @@ def _check_memory(cfg: Config) -> None:
 # ------------------------------------------------------------------ run folders
 
 
-def _write_atomic(path: pathlib.Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _config_text(cfg: Config) -> str:
     return json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, **dataclasses.asdict(cfg)}, indent=1)
 
 
-def _read_json_config(path: pathlib.Path) -> Optional[dict]:
+def _read_json_config(path: pathlib.Path) -> dict | None:
     """The parsed ``config.json`` of a jaxlstm run, ``None`` if absent; RunError if it is not one of ours."""
     if not path.exists():
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RunError(f"{path} cannot be read as JSON ({e}); restore it, or start a new run in another --out.") from None
+        raise RunError(
+            f"{path} cannot be read as JSON ({e}); restore it, or start a new run in another --out."
+        ) from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise RunError(
             f"{path.parent} holds a config.json that jaxlstm did not write; choose another --out "
@@ -342,7 +354,9 @@ def read_config(run_dir: pathlib.Path) -> Config:
     if data is None:
         raise RunError(f"{run_dir} is not a jaxlstm run folder (no config.json). Point at the --out of a training run.")
     if data.get("format_version") != FORMAT_VERSION:
-        raise RunError(f"{path} has format version {data.get('format_version')!r}; this jaxlstm reads {FORMAT_VERSION}.")
+        raise RunError(
+            f"{path} has format version {data.get('format_version')!r}; this jaxlstm reads {FORMAT_VERSION}."
+        )
     fields = {k: v for k, v in data.items() if k not in ("format", "format_version")}
     known = {f.name for f in dataclasses.fields(Config)}
     unknown, missing = sorted(set(fields) - known), sorted(known - set(fields))
@@ -375,9 +389,9 @@ class RunLock:
 
     def __init__(self, out: pathlib.Path):
         self.path = out / LOCK_NAME
-        self._fd: Optional[int] = None
+        self._fd: int | None = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
@@ -450,7 +464,8 @@ def _resume_config(saved: Config, options: dict, completed: int, log) -> Config:
                 diffs.append(f"{flag}: the run has {getattr(saved, name)!r}, the command line {options[name]!r}")
     if diffs:
         raise RunError(
-            "--resume continues a run exactly, and these options differ from it: " + "; ".join(diffs)
+            "--resume continues a run exactly, and these options differ from it: "
+            + "; ".join(diffs)
             + ". Drop them to continue, or start a new run with another --out."
         )
     cfg = dataclasses.replace(saved, **{k: options[k] for k in ("eval_every", "save_every") if k in options})
@@ -469,12 +484,11 @@ def _resume_config(saved: Config, options: dict, completed: int, log) -> Config:
     return dataclasses.replace(cfg, schedule_steps=schedule)
 
 
-def _resume_text(cfg: Config, text_option: Optional[str]) -> str:
+def _resume_text(cfg: Config, text_option: str | None) -> str:
     """The run's text, checked against its stored hash (``--text`` may name a moved copy)."""
+    path: str | None = cfg.text
     if text_option is not None:
         path = str(pathlib.Path(text_option).absolute())
-    else:
-        path = cfg.text
     if path is None:
         raw = _embedded_bytes()
         where = "the embedded corpus"
@@ -498,11 +512,11 @@ def _resume_text(cfg: Config, text_option: Optional[str]) -> str:
 class TrainResult(NamedTuple):
     state: training.TrainState
     history: list  # this invocation's metric rows
-    stopped_by: Optional[int]  # the signal that stopped training, None when it finished
+    stopped_by: int | None  # the signal that stopped training, None when it finished
 
 
 def train(
-    options: Union[dict, Config],
+    options: dict | Config,
     out,
     *,
     resume: bool = False,
@@ -560,7 +574,8 @@ def _train_locked(options: dict, out: pathlib.Path, stop, *, resume: bool, overw
     has_run = _has_run(out)
     if has_run and not (resume or overwrite):
         raise RunError(
-            f"{out} already holds a run. Pass --resume to continue it, --overwrite to replace it, or choose another --out."
+            f"{out} already holds a run. Pass --resume to continue it, --overwrite to replace it, "
+            "or choose another --out."
         )
     if resume and not has_run:
         raise RunError(f"--resume: {out} holds no run to continue (no config.json).")
@@ -579,7 +594,7 @@ def _train_locked(options: dict, out: pathlib.Path, stop, *, resume: bool, overw
         cfg.schedule_steps = cfg.steps
     train_text, valid_text = split_text(text, cfg.seq_len)
     _check_memory(cfg)
-    _write_atomic(out / "config.json", _config_text(cfg))
+    training.write_text_atomic(out / "config.json", _config_text(cfg))
     log(
         f"corpus: {len(text):,} characters ({'embedded Shakespeare' if cfg.text is None else cfg.text}), "
         f"vocabulary {len(cfg.vocab)}; training on {len(train_text):,}, holding out the last {len(valid_text):,}"
@@ -646,17 +661,21 @@ def _train_locked(options: dict, out: pathlib.Path, stop, *, resume: bool, overw
         return TrainResult(result.state, result.history, stop.signal or signal.SIGINT)
     plot_history(history, out / "loss.png")
     text_sample = sample(model, result.state.params, cfg.vocab, "", 400, 0.8, cfg.seed)
-    _write_atomic(out / "sample.txt", text_sample)
+    training.write_text_atomic(out / "sample.txt", text_sample)
     log(f"finished at step {int(result.state.step)} in {wall:.0f} s; wrote {out}/checkpoints, metrics.jsonl, loss.png")
     log("sample:\n" + text_sample)
     return TrainResult(result.state, result.history, None)
 
 
-_DISK_ERRORS = {errno.ENOSPC: "No space left on device", errno.EROFS: "Read-only file system",
-                errno.EACCES: "Permission denied", errno.EDQUOT: "Disk quota exceeded"}
+_DISK_ERRORS = {
+    errno.ENOSPC: "No space left on device",
+    errno.EROFS: "Read-only file system",
+    errno.EACCES: "Permission denied",
+    errno.EDQUOT: "Disk quota exceeded",
+}
 
 
-def _disk_problem(e: BaseException) -> Optional[str]:
+def _disk_problem(e: BaseException) -> str | None:
     """The file-system reason of a failed write (raised directly, or wrapped by orbax/tensorstore), if any."""
     if isinstance(e, OSError) and e.errno in _DISK_ERRORS:
         return _DISK_ERRORS[e.errno]
@@ -704,5 +723,14 @@ def generate(run_dir, prompt: str = "", length: int = 500, temperature: float = 
     return sample(model, params, cfg.vocab, prompt, length, temperature, seed)
 
 
-__all__ = ["Config", "TrainResult", "RunError", "Interrupted", "train", "generate", "load", "read_config", "check_config"]
-
+__all__ = [
+    "Config",
+    "TrainResult",
+    "RunError",
+    "Interrupted",
+    "train",
+    "generate",
+    "load",
+    "read_config",
+    "check_config",
+]

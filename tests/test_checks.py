@@ -156,7 +156,9 @@ def test_stack_errors_name_the_layer_and_direction():
 
 
 def test_bidirectional_hidden_sizes_must_match_for_elementwise_merges():
-    p = jaxlstm.BidirectionalParams(jaxlstm.init_params(jax.random.key(0), 3, 4), jaxlstm.init_params(jax.random.key(1), 3, 5))
+    p = jaxlstm.BidirectionalParams(
+        jaxlstm.init_params(jax.random.key(0), 3, 4), jaxlstm.init_params(jax.random.key(1), 3, 5)
+    )
     for merge in ("sum", "mean", "mul"):
         with pytest.raises(ValueError, match="forward hidden_size 4 and backward hidden_size 5"):
             jaxlstm.bidirectional(p, XS, merge=merge)

@@ -5,12 +5,22 @@ import pathlib
 import subprocess
 import sys
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def test_speed_script_writes_table_json_and_chart(tmp_path):
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--sizes", "2,6,3,4", "--rounds", "2",
-           "--impls", "jaxlstm seed,jaxlstm classic,flax OptimizedLSTMCell", "--out", str(tmp_path)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "speed.py"),
+        "--sizes",
+        "2,6,3,4",
+        "--rounds",
+        "2",
+        "--impls",
+        "jaxlstm seed,jaxlstm classic,flax OptimizedLSTMCell",
+        "--out",
+        str(tmp_path),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     data = json.loads((tmp_path / "speed.json").read_text())
@@ -21,8 +31,18 @@ def test_speed_script_writes_table_json_and_chart(tmp_path):
 
 
 def test_adding_problem_script_runs(tmp_path):
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "adding_problem.py"), "--T", "10", "--steps", "30",
-           "--eval-every", "10", "--out", str(tmp_path)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "examples" / "adding_problem.py"),
+        "--T",
+        "10",
+        "--steps",
+        "30",
+        "--eval-every",
+        "10",
+        "--out",
+        str(tmp_path),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     data = json.loads((tmp_path / "adding_T10.json").read_text())
@@ -30,8 +50,14 @@ def test_adding_problem_script_runs(tmp_path):
 
 
 def _row(size, impl, fwd_s, train_s, base):
-    return dict(size=list(size), impl=impl, forward_s=fwd_s, train_s=train_s,
-                forward_speedup=base[0] / fwd_s, train_speedup=base[1] / train_s)
+    return dict(
+        size=list(size),
+        impl=impl,
+        forward_s=fwd_s,
+        train_s=train_s,
+        forward_speedup=base[0] / fwd_s,
+        train_speedup=base[1] / train_s,
+    )
 
 
 def test_floor_checks_flag_a_missed_floor():
@@ -42,9 +68,11 @@ def test_floor_checks_flag_a_missed_floor():
         sys.path.pop(0)
     size = (8, 512, 64, 128)  # floor 1.8x for training; seed may cost 1 + 128/768 + 0.15 = 1.317x
     base = (10.0, 90.0)
-    rows = [_row(size, "flax OptimizedLSTMCell", *base, base),
-            _row(size, "jaxlstm classic", 10.0, 45.0, base),  # train 2.0x, forward 1.0x
-            _row(size, "jaxlstm seed", 14.0, 60.0, base)]  # forward 1.40 (over), train 1.33 (over)
+    rows = [
+        _row(size, "flax OptimizedLSTMCell", *base, base),
+        _row(size, "jaxlstm classic", 10.0, 45.0, base),  # train 2.0x, forward 1.0x
+        _row(size, "jaxlstm seed", 14.0, 60.0, base),
+    ]  # forward 1.40 (over), train 1.33 (over)
     text = speed.floor_checks({"rows": rows})
     assert "classic train 2.00x (>= 1.8x: ok)" in text
     assert "classic forward 1.00x (>= 0.97x: ok)" in text

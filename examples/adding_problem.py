@@ -1,8 +1,8 @@
 """The adding problem (Hochreiter & Schmidhuber, 1997): a learning check for long-term memory.
 
-    python benchmarks/adding_problem.py                 # T = 100, up to 6000 Adam steps
-    python benchmarks/adding_problem.py --classic       # the classic cell
-    python benchmarks/adding_problem.py --forget-bias 0 # without the forget-gate bias
+    python examples/adding_problem.py                 # T = 100, up to 6000 Adam steps
+    python examples/adding_problem.py --classic       # the classic cell
+    python examples/adding_problem.py --forget-bias 0 # without the forget-gate bias
 
 Each input step is a pair (value ~ U[0, 1], marker); exactly two steps are
 marked, one in each half of the sequence. The target is the sum of the two
@@ -59,8 +59,18 @@ class AddingModel(nn.Module):
         return nn.Dense(1)(states[-1].hidden)[:, 0]
 
 
-def run(T=100, steps=6000, batch=64, lr=1e-3, hidden=64, classic=False, forget_bias=1.0, seed=0, eval_every=200,
-        progress=True):
+def run(
+    T=100,
+    steps=6000,
+    batch=64,
+    lr=1e-3,
+    hidden=64,
+    classic=False,
+    forget_bias=1.0,
+    seed=0,
+    eval_every=200,
+    progress=True,
+):
     """Train on the adding problem; returns a dict with the learning curve and the final test MSE."""
     model = AddingModel(hidden, output_transform=not classic, forget_bias=forget_bias)
     key = jax.random.key(seed)
@@ -80,15 +90,32 @@ def run(T=100, steps=6000, batch=64, lr=1e-3, hidden=64, classic=False, forget_b
     test_mse = jax.jit(lambda p: jnp.mean((model.apply({"params": p}, test_x) - test_y) ** 2))
     t0 = time.perf_counter()
     result = training.fit(
-        state, training.make_train_step(loss_fn), batch_fn, num_steps=steps, rng=key,
-        eval_fn=lambda s: {"mse": test_mse(s.params)}, eval_every=eval_every, progress=progress, log_every=50,
+        state,
+        training.make_train_step(loss_fn),
+        batch_fn,
+        num_steps=steps,
+        rng=key,
+        eval_fn=lambda s: {"mse": test_mse(s.params)},
+        eval_every=eval_every,
+        progress=progress,
+        log_every=50,
     )
     curve = [(h["step"], h["eval_mse"]) for h in result.history if "eval_mse" in h]
     solved = next((s for s, m in curve if m < 0.01), None)
     return dict(
-        T=T, steps=steps, batch=batch, lr=lr, hidden=hidden, cell="classic" if classic else "seed",
-        forget_bias=forget_bias, seed=seed, baseline_mse=BASELINE_MSE, final_test_mse=curve[-1][1],
-        first_step_below_0_01=solved, wall_s=time.perf_counter() - t0, curve=curve,
+        T=T,
+        steps=steps,
+        batch=batch,
+        lr=lr,
+        hidden=hidden,
+        cell="classic" if classic else "seed",
+        forget_bias=forget_bias,
+        seed=seed,
+        baseline_mse=BASELINE_MSE,
+        final_test_mse=curve[-1][1],
+        first_step_below_0_01=solved,
+        wall_s=time.perf_counter() - t0,
+        curve=curve,
         train_loss=[(h["step"], h["loss"]) for h in result.history if "loss" in h],
     )
 
@@ -129,7 +156,9 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     r = run(a.T, a.steps, a.batch, a.lr, a.hidden, a.classic, a.forget_bias, a.seed, a.eval_every)
     a.out.mkdir(parents=True, exist_ok=True)
-    stem = f"adding_T{a.T}" + ("_classic" if a.classic else "") + (f"_fb{a.forget_bias:g}" if a.forget_bias != 1.0 else "")
+    stem = (
+        f"adding_T{a.T}" + ("_classic" if a.classic else "") + (f"_fb{a.forget_bias:g}" if a.forget_bias != 1.0 else "")
+    )
     (a.out / f"{stem}.json").write_text(json.dumps(r, indent=1))
     plot([r], a.out / f"{stem}.png")
     print(

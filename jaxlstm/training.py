@@ -580,6 +580,15 @@ def fit(
     ckpt = None
     interrupted = False
     step = start = int(state.step)
+    saving = False
+
+    def save(at: int, force: bool) -> None:
+        nonlocal saving
+        assert ckpt is not None
+        saving = True
+        ckpt.save(at, snapshot(state, rng, carry), force=force)
+        saving = False
+
     try:
         with stop if handle_signals and outer is None else contextlib.nullcontext():
             if checkpoint_dir is not None:
@@ -659,29 +668,31 @@ def fit(
                 if step % log_every == 0 or step == num_steps:
                     record(dict(step=step, time_s=time.perf_counter() - t0, **_scalars(metrics)))
                 if ckpt is not None:
-                    ckpt.save(step, snapshot(state, rng, carry))
+                    save(step, force=False)
                 if step < num_steps and eval_due(step):
                     evaluate(step)
             interrupted = stop.signal is not None
             if stop.signal is not None:
                 note(f"stopped at step {step} by {signal.Signals(stop.signal).name}")
             if ckpt is not None and step > start:
-                ckpt.save(step, snapshot(state, rng, carry), force=True)
+                save(step, force=True)
             if not interrupted and eval_due(step):
                 evaluate(step)
     except KeyboardInterrupt:
         # a Ctrl-C raised as an exception (a second signal, or raised by user code)
         interrupted = True
-        if not _alive(state):  # it arrived while the state was donated to the step in flight
+        if saving or not _alive(state):
+            # it cut a save short (that checkpoint stays an unfinished temporary folder, removed on the next
+            # start), or it arrived while the state was donated to the step in flight: nothing more is saved
             if ckpt is not None:
-                note(f"interrupted during step {step + 1}: the last checkpoint ({ckpt.latest_step()}) is kept")
+                note(f"interrupted at step {step}: the last complete checkpoint ({ckpt.latest_step()}) is kept")
             raise
         if ckpt is not None and step > start:
-            ckpt.save(step, snapshot(state, rng, carry), force=True)
+            save(step, force=True)
             note(f"interrupted at step {step}: saved")
     except NonFiniteLossError:
         if ckpt is not None and step > start:
-            ckpt.save(step, snapshot(state, rng, carry), force=True)
+            save(step, force=True)
         raise
     finally:
         bar.close()

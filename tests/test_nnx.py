@@ -117,11 +117,11 @@ def test_nnx_split_merge_state_round_trip():
 
 
 def test_nnx_per_call_reverse_and_time_major_as_linen():
-    xs = jax.random.normal(jax.random.key(1), (2, 5, 3))
+    xs = jax.random.normal(jax.random.key(1), (2, 5, 3), jnp.float32)
     model = jn.LSTM(3, 4, rngs=nnx.Rngs(0))
     layers = model.layers
     ys_rev = model(xs, reverse=True)
     ref_rev, _ = jaxlstm.lstm_stack(layers, xs, reverse=True)
-    np.testing.assert_allclose(ys_rev, ref_rev, rtol=1e-12)
+    np.testing.assert_allclose(ys_rev, ref_rev, rtol=1e-6)
     ys_tm = model(jnp.swapaxes(xs, 0, 1), time_major=True)
-    np.testing.assert_allclose(jnp.swapaxes(ys_tm, 0, 1), model(xs), rtol=1e-12)
+    np.testing.assert_allclose(jnp.swapaxes(ys_tm, 0, 1), model(xs), rtol=1e-6)

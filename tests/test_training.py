@@ -1,5 +1,6 @@
 """Training utilities: losses, the fit loop, checkpoints and resume, the non-finite guard, signals, sharding."""
 
+import functools
 import json
 import os
 import pathlib
@@ -7,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 
 import flax.linen as nn
 import jax
@@ -82,6 +84,13 @@ def run_fit(tmp, num_steps, **kw):
     )
 
 
+@functools.cache
+def straight_run(num_steps):
+    """An uninterrupted run, computed once per length for the resume tests that compare against it."""
+    with jax.enable_x64(True):
+        return run_fit(pathlib.Path(tempfile.mkdtemp()) / "straight", num_steps)
+
+
 def assert_same_params(a, b):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
@@ -90,6 +99,7 @@ def assert_same_params(a, b):
 # ------------------------------------------------------------------ the loop
 
 
+@pytest.mark.slow  # several fits with real orbax checkpoints
 def test_fit_learns_and_writes_metrics(tmp_path):
     res = run_fit(tmp_path / "ck", 30, metrics_path=tmp_path / "m.jsonl")
     losses = [h["loss"] for h in res.history if "loss" in h]
@@ -101,8 +111,9 @@ def test_fit_learns_and_writes_metrics(tmp_path):
     assert steps == [28, 30]  # saved every 4 steps and at the end, last 2 kept
 
 
+@pytest.mark.slow  # several fits with real orbax checkpoints
 def test_resume_is_bit_exact(tmp_path):
-    straight = run_fit(tmp_path / "a", 14)
+    straight = straight_run(14)
     run_fit(tmp_path / "b", 6)  # stop early (checkpoint at 4 and the final at 6) ...
     resumed = run_fit(tmp_path / "b", 14)  # ... and continue
     assert int(resumed.state.step) == 14
@@ -113,8 +124,9 @@ def test_resume_is_bit_exact(tmp_path):
     assert tail(resumed) == tail(straight)
 
 
+@pytest.mark.slow  # several fits with real orbax checkpoints
 def test_ctrl_c_saves_and_resumes_exactly(tmp_path):
-    straight = run_fit(tmp_path / "a", 12)
+    straight = straight_run(12)
 
     def interrupting(step):
         if step == 5:
@@ -305,8 +317,9 @@ def test_damaged_checkpoints_are_skipped_and_reported(tmp_path):
 # orbax leaves coroutines behind when the read of a damaged checkpoint fails ("Event loop is closed"
 # when they are collected); the checkpoint is reported and skipped all the same
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.slow  # several fits with real orbax checkpoints
 def test_resume_falls_back_past_a_damaged_checkpoint_and_stays_exact(tmp_path):
-    straight = run_fit(tmp_path / "a", 14)
+    straight = straight_run(14)
     run_fit(tmp_path / "b", 10)  # checkpoints 8 and 10 (keep=2)
     _damage(tmp_path / "b" / "10")
     resumed = run_fit(tmp_path / "b", 14)
@@ -315,6 +328,7 @@ def test_resume_falls_back_past_a_damaged_checkpoint_and_stays_exact(tmp_path):
     assert_same_params(resumed.state.opt_state, straight.state.opt_state)
 
 
+@pytest.mark.slow  # several fits with real orbax checkpoints
 def test_metrics_are_cut_back_and_a_missed_evaluation_is_redone(tmp_path):
     """After a stop, metrics.jsonl equals an uninterrupted run's: later rows go, a cut-off evaluation is rerun."""
     evals = lambda state: {"norm": optax.tree.norm(state.params)}
@@ -337,6 +351,7 @@ def test_metrics_are_cut_back_and_a_missed_evaluation_is_redone(tmp_path):
     assert rows("b.jsonl") == rows("a.jsonl")
 
 
+@pytest.mark.slow  # several fits with real orbax checkpoints
 def test_keyboard_interrupt_while_the_state_is_donated_keeps_the_last_checkpoint(tmp_path):
     """A Ctrl-C that lands after the step consumed (donated) the state: nothing broken is saved, step 4 stays."""
     real = training.make_train_step(stream_loss)
@@ -366,9 +381,10 @@ def test_keyboard_interrupt_while_the_state_is_donated_keeps_the_last_checkpoint
     ck.close()
 
 
+@pytest.mark.slow  # several fits with real orbax checkpoints
 def test_a_signal_stops_after_the_step_in_flight_which_is_saved(tmp_path):
     """SIGINT/SIGTERM set a flag: the step in flight completes and is saved, and the run resumes exactly."""
-    straight = run_fit(tmp_path / "a", 12)
+    straight = straight_run(12)
 
     def signalling(sig):
         def batch_fn(step):
@@ -378,7 +394,7 @@ def test_a_signal_stops_after_the_step_in_flight_which_is_saved(tmp_path):
 
         return batch_fn
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGTERM,):  # SIGINT takes the same path (and is sent to a real process in the fault tests)
         out = tmp_path / signal.Signals(sig).name
         res = training.fit(
             new_state(),

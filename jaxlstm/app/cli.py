@@ -9,6 +9,7 @@ traceback of an unexpected error.
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import signal
@@ -204,9 +205,10 @@ def setup_process() -> None:
     ``train`` turns both into a request to stop after the step in flight.
     """
     if not os.environ.get("JAXLSTM_DEBUG"):
-        # orbax leaves coroutines behind after failing to read a damaged checkpoint; the command reports
-        # the damage itself, so their "Exception ignored" tracebacks at collection are noise here
+        # orbax leaves coroutines behind after failing to read a damaged checkpoint, and logs (with
+        # tracebacks, from its threads) what the command reports itself in one line: noise here
         sys.unraisablehook = lambda unraisable: None
+        logging.getLogger("absl").setLevel(logging.CRITICAL)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.default_int_handler)
         if hasattr(signal, "SIGTERM"):

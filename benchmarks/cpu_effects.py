@@ -22,6 +22,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+from timing import time_calls
 
 
 def _scan_matmul(transposed_in_loop: bool, B=8, H=128, T=512):
@@ -40,12 +41,6 @@ def _scan_matmul(transposed_in_loop: bool, B=8, H=128, T=512):
     return jax.jit(run), (w, d), T
 
 
-def _timed(fn, args) -> float:
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    return time.perf_counter() - t0
-
-
 def matmul_layout(rounds: int) -> tuple[float, float]:
     """Per-step microseconds: (weight transposed in the loop, weight transposed once)."""
     fns = [_scan_matmul(True), _scan_matmul(False)]
@@ -55,7 +50,7 @@ def matmul_layout(rounds: int) -> tuple[float, float]:
     for r in range(rounds):
         for k in (r % 2, 1 - r % 2):
             f, a, T = fns[k]
-            times[k].append(_timed(f, a) / T)
+            times[k].append(time_calls(f, a) / T)
     return tuple(statistics.median(t) * 1e6 for t in times)
 
 

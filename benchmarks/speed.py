@@ -30,12 +30,12 @@ import pathlib
 import platform
 import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from timing import block, calls_for, time_calls
 
 FULL_GRID = [(1, 1000, 32, 128), (8, 512, 64, 128), (64, 128, 256, 256), (32, 256, 128, 512), (128, 64, 512, 1024)]
 QUICK_GRID = [(1, 200, 32, 64), (8, 128, 64, 128)]
@@ -160,32 +160,13 @@ IMPLEMENTATIONS: dict[str, Callable] = {
 }
 
 
-def _block(out):
-    if hasattr(out, "detach"):  # torch: synchronous on CPU
-        return out
-    return jax.block_until_ready(out)
-
-
-def _time_once(fn, args, calls: int = 1) -> float:
-    """Seconds per call, over ``calls`` back-to-back calls."""
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        _block(fn(*args))
-    return (time.perf_counter() - t0) / calls
-
-
-def _calls_for(fn, args, target_s: float = 0.1) -> int:
-    """Calls per measurement so that one measurement lasts about ``target_s`` (short calls are noisy)."""
-    return max(1, min(200, int(target_s / max(_time_once(fn, args), 1e-6))))
-
-
 def matmul_rate(n: int = 2048, repeats: int = 7) -> float:
     """The machine's large float32 matmul rate, in FLOP/s."""
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
     f = jax.jit(jnp.matmul)
-    _block(f(a, b))
-    times = [_time_once(f, (a, b)) for _ in range(repeats)]
+    block(f(a, b))
+    times = [time_calls(f, (a, b)) for _ in range(repeats)]
     return 2 * n**3 / statistics.median(times)
 
 
@@ -207,17 +188,17 @@ def bench_size(size, names, rounds: int, peak: float, progress: Callable | None 
             rows.append(dict(impl=name, size=list(size), skipped=f"not installed ({e.name})"))
             continue
         for fn in (fwd, train):  # compile and warm up
-            _block(fn(*args))
-            _block(fn(*args))
-        prepared[name] = (fwd, train, args, _calls_for(fwd, args), _calls_for(train, args))
+            block(fn(*args))
+            block(fn(*args))
+        prepared[name] = (fwd, train, args, calls_for(fwd, args), calls_for(train, args))
     times = {name: {"forward": [], "train": []} for name in prepared}
     order = list(prepared)
     for r in range(rounds):
         rotated = order[r % len(order) :] + order[: r % len(order)]
         for name in rotated:
             fwd, train, args, n_fwd, n_train = prepared[name]
-            times[name]["forward"].append(_time_once(fwd, args, n_fwd))
-            times[name]["train"].append(_time_once(train, args, n_train))
+            times[name]["forward"].append(time_calls(fwd, args, n_fwd))
+            times[name]["train"].append(time_calls(train, args, n_train))
         if progress:
             progress()
     for name in prepared:

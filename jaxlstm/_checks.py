@@ -165,7 +165,9 @@ def check_params(params: Any) -> LSTMParams:
     if getattr(b, "shape", None) != (4 * h,):
         raise ValueError(f"LSTMParams.b must have shape ({4 * h},); received {describe(b)}.")
     if (params.w_o is None) != (params.b_o is None):
-        raise ValueError("LSTMParams: w_o and b_o must both be set (seed cell) or both be None (classic cell).")
+        raise ValueError(
+            "LSTMParams: w_o and b_o must both be set (the cell with an output map) or both be None (classic cell)."
+        )
     w_o, b_o = params.w_o, params.b_o
     if w_o is not None and b_o is not None and (w_o.shape != (h, h) or b_o.shape != (h,)):
         raise ValueError(f"LSTMParams: w_o must be ({h}, {h}) and b_o ({h},); received {w_o.shape} and {b_o.shape}.")

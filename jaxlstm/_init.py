@@ -227,7 +227,7 @@ def params_from_gates(
         given, missing = ("W_o", "b_o") if W_o is not None else ("b_o", "W_o")
         raise ValueError(
             f"params_from_gates: {given} was given but {missing} was not. Pass both W_o and b_o "
-            "for the seed cell, or neither for the classic cell."
+            "for the cell with a learned output map, or neither for the classic cell."
         )
     mats = {k: jnp.asarray(v) for k, v in mats.items()}
     biases = {k: jnp.asarray(v) for k, v in biases.items()}

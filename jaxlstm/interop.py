@@ -146,7 +146,7 @@ def as_classic(params: LSTMParams) -> LSTMParams:
     if bool(jnp.all(params.w_o == jnp.eye(h, dtype=params.w_o.dtype))) and bool(jnp.all(params.b_o == 0)):
         return params._replace(w_o=None, b_o=None)
     raise ValueError(
-        "these params are a seed cell with a learned output map tanh(W_o c + b_o); PyTorch, Keras, Flax, "
+        "these params are a cell with a learned output map tanh(W_o c + b_o); PyTorch, Keras, Flax, "
         "Equinox and Haiku LSTMs only compute tanh(c), so the weights cannot be exported without changing "
         "the model. Train with output_transform=False to exchange weights, or export only when W_o is the "
         "identity and b_o zero."

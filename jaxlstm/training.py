@@ -426,13 +426,14 @@ class StopRequest:
         if threading.current_thread() is threading.main_thread():
             self._outer, StopRequest._active = StopRequest._active, self
             for s in (signal.SIGINT, signal.SIGTERM):
-                self._old[s] = signal.signal(s, self._handle)
+                if signal.getsignal(s) is not signal.SIG_IGN:  # a signal the process ignores (nohup) stays ignored
+                    self._old[s] = signal.signal(s, self._handle)
         return self
 
     def __exit__(self, *exc) -> None:
         for s, old in self._old.items():
             signal.signal(s, old)
-        if self._old:
+        if threading.current_thread() is threading.main_thread():
             StopRequest._active = self._outer
         self._old.clear()
 

@@ -459,7 +459,7 @@ def _resume_config(saved: Config, options: dict, completed: int, log) -> Config:
         if name in options and options[name] != getattr(saved, name):
             flag = FLAGS[name]
             if name == "output_transform":
-                diffs.append(f"{flag}: the run uses the {'seed' if saved.output_transform else 'classic'} cell")
+                diffs.append(f"{flag}: the run uses the {'output-map' if saved.output_transform else 'classic'} cell")
             else:
                 diffs.append(f"{flag}: the run has {getattr(saved, name)!r}, the command line {options[name]!r}")
     if diffs:
@@ -601,7 +601,7 @@ def _train_locked(options: dict, out: pathlib.Path, stop, *, resume: bool, overw
     )
     model, state = _state(cfg)
     n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(state.params))
-    cell = "seed cell, learned output map" if cfg.output_transform else "classic cell"
+    cell = "learned output map tanh(W_o c + b_o)" if cfg.output_transform else "classic cell, tanh(c)"
     log(
         f"model: Embed({cfg.embed_dim}) -> LSTM({cfg.hidden_size} x {cfg.num_layers}, {cell}) -> Dense; "
         f"{n_params:,} parameters"

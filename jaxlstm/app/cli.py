@@ -29,7 +29,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     B, T, I, H = args.batch, args.steps, args.input_size, args.hidden_size
     kp, kx = jax.random.split(jax.random.key(args.seed))
-    for name, transform in (("seed cell", True), ("classic cell", False)):
+    for name, transform in (("output-map cell", True), ("classic cell", False)):
         params = jaxlstm.init_params(kp, I, H, output_transform=transform)
         xs = jax.random.normal(kx, (B, T, I), jnp.float32)
         lengths = jnp.full((B,), T, jnp.int32).at[0].set(T // 2)
@@ -44,7 +44,7 @@ def _demo(args: argparse.Namespace) -> int:
             times.append(time.perf_counter() - t0)
         times.sort()
         print(
-            f"{name:13s} xs {tuple(xs.shape)} -> hiddens {tuple(hs.shape)}, final cell {tuple(final.cell.shape)}; "
+            f"{name:15s} xs {tuple(xs.shape)} -> hiddens {tuple(hs.shape)}, final cell {tuple(final.cell.shape)}; "
             f"first call {compile_s * 1e3:.0f} ms (compiles), then median {times[2] * 1e3:.2f} ms "
             f"on {jax.devices()[0].platform}"
         )

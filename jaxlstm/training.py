@@ -248,6 +248,7 @@ class Checkpointer:
         self.save_every = save_every
         self.keep = keep
         self.read_only = read_only
+        self.skipped: list[int] = []  # the damaged checkpoints the last restore() passed over
         self._open()
 
     def _open(self) -> None:
@@ -286,8 +287,7 @@ class Checkpointer:
         return self._manager.latest_step()
 
     def _check_shapes(self, step: int, template) -> None:
-        meta = self._manager.item_metadata(step)
-        meta = meta["state"] if isinstance(meta, Mapping) or hasattr(meta, "__getitem__") else meta
+        meta = self._manager.item_metadata(step)["state"]
         meta = getattr(meta, "tree", meta)
         saved = sorted(tuple(m.shape) for m in jax.tree.leaves(meta) if hasattr(m, "shape"))
         wanted = sorted(tuple(np.shape(a)) for a in jax.tree.leaves(template))
@@ -346,6 +346,7 @@ class Checkpointer:
             where = f"step {step} in " if step is not None else ""
             raise CheckpointError(f"no checkpoint {where}{self.directory}.")
         problems = []
+        self.skipped = []
         for s in reversed(steps):
             try:
                 tree = self._restore_one(s, template)
@@ -353,6 +354,7 @@ class Checkpointer:
                 raise CheckpointError(f"{e}: it was written by another model.") from None
             except _Corrupt as e:
                 problems.append(f"checkpoint {s} is damaged: {e}")
+                self.skipped.append(s)
                 if on_fallback is not None:
                     on_fallback(f"checkpoint {s} is damaged ({e}); trying an earlier one")
                 continue
@@ -595,16 +597,10 @@ def fit(
             if checkpoint_dir is not None:
                 ckpt = Checkpointer(checkpoint_dir, save_every=save_every, keep=keep)
                 if resume and ckpt.all_steps():
-                    damaged: list = []
-
-                    def fallback(msg: str) -> None:
-                        damaged.append(int(msg.split()[1]))
-                        note(msg)
-
-                    restored_step, snap = ckpt.restore(None, snapshot(state, rng, carry), on_fallback=fallback)
-                    if damaged:
+                    restored_step, snap = ckpt.restore(None, snapshot(state, rng, carry), on_fallback=note)
+                    if ckpt.skipped:
                         aside = ckpt.directory.with_name(ckpt.directory.name + ".damaged")
-                        ckpt.set_aside(damaged, aside)
+                        ckpt.set_aside(ckpt.skipped, aside)
                         note(f"resuming from checkpoint {restored_step}; the damaged ones were moved to {aside}")
                     state, rng, carry = from_snapshot(state, snap, carry)
             step = start = int(state.step)

@@ -40,15 +40,14 @@ class Residuals(NamedTuple):
 
     gates: Array  # (T, *B, 4H) post-activation [f1 | i | f2 | f3]
     cells: Array  # (T, *B, H) cell state after each step (held at masked steps)
-    u: Array | None  # (T, *B, H) tanh(c @ w_o + b_o), seed cell only
+    u: Array | None  # (T, *B, H) tanh(c @ w_o + b_o), output-map cell only
 
 
 def forward_with_residuals(
     params: LSTMParams,
     xs: Array,
     state: LSTMState,
-    steps: Array,
-    lengths: Array | None,
+    valid: Array | None,
     mask: Array | None,
     reverse: bool,
     unroll: int | bool,
@@ -56,31 +55,43 @@ def forward_with_residuals(
     """Forward scan that also emits what the backward pass needs."""
     w = stacked_weight(params, xs)
 
-    def body(s: LSTMState, inputs: tuple[Array, Array]) -> tuple[LSTMState, tuple[Array, tuple]]:
-        x, t = inputs
+    def body(s: LSTMState, inputs: tuple[Array, Array | None]) -> tuple[LSTMState, tuple[Array, tuple]]:
+        x, v = inputs
         cell, hidden, (f1, i, f2, f3), u = update(params, s.cell, pre_activations(params, masked(s.hidden, mask), x, w))
-        new, out = hold(valid_at(t, lengths), LSTMState(cell, hidden), s)
+        new, out = hold(valid_at(v), LSTMState(cell, hidden), s)
         gates = jnp.concatenate([f1, i, f2, f3], axis=-1)
         res = (gates, new.cell, None if params.w_o is None else u)
         return new, (out, res)
 
-    final, (hs, (gates, cells, u)) = jax.lax.scan(body, state, (xs, steps), reverse=reverse, unroll=unroll)
+    final, (hs, (gates, cells, u)) = jax.lax.scan(body, state, (xs, valid), reverse=reverse, unroll=unroll)
     return hs, final, Residuals(gates, cells, u)
 
 
-def previous(seq: Array, first: Array, steps: Array, lengths: Array | None, reverse: bool) -> Array:
-    """The value each step saw as its previous state: ``seq`` shifted by one in scan order.
+def previous(seq: Array, first: Array, valid: Array | None, reverse: bool) -> Array:
+    """The hidden state each step saw: the output of the valid step processed before it.
 
-    ``first`` is the state before the first processed step. With lengths and
-    ``reverse``, the step ``L - 1`` is the first processed one.
+    ``seq`` holds the outputs (zero at invalid steps) and ``first`` the state
+    before the first processed step. Without a mask this is ``seq`` shifted by
+    one in scan order; with one, each step reads the output of the nearest
+    valid step before it in scan order (``first`` if there is none). Rows of
+    invalid steps are never used.
     """
-    if not reverse:
-        return jnp.concatenate([first[None], seq[:-1]], axis=0)
-    shifted = jnp.concatenate([seq[1:], first[None]], axis=0)
-    if lengths is None:
-        return shifted
-    next_valid = steps.reshape((-1,) + (1,) * lengths.ndim) + 1 < lengths[None]
-    return jnp.where(next_valid[..., None], shifted, first[None])
+    if valid is None:
+        if not reverse:
+            return jnp.concatenate([first[None], seq[:-1]], axis=0)
+        return jnp.concatenate([seq[1:], first[None]], axis=0)
+    num_steps = seq.shape[0]
+    t = jnp.arange(num_steps, dtype=jnp.int32).reshape((num_steps,) + (1,) * (valid.ndim - 1))
+    if not reverse:  # the last valid step before t
+        last = jax.lax.cummax(jnp.where(valid, t, -1), axis=0)
+        source = jnp.concatenate([jnp.full_like(last[:1], -1), last[:-1]], axis=0)
+        found = source >= 0
+    else:  # the first valid step after t
+        nxt = jax.lax.cummin(jnp.where(valid, t, num_steps), axis=0, reverse=True)
+        source = jnp.concatenate([nxt[1:], jnp.full_like(nxt[:1], num_steps)], axis=0)
+        found = source < num_steps
+    read = jnp.take_along_axis(seq, jnp.clip(source, 0, num_steps - 1)[..., None], axis=0)
+    return jnp.where(found[..., None], read, first[None])
 
 
 def backward_scan(
@@ -89,8 +100,7 @@ def backward_scan(
     first_cell: Array,
     dhs: Array,
     d_final: LSTMState,
-    steps: Array,
-    lengths: Array | None,
+    valid: Array | None,
     mask: Array | None,
     reverse: bool,
     unroll: int | bool,
@@ -98,7 +108,7 @@ def backward_scan(
     """Reverse of the forward scan: returns ``(dG, dZ, d_initial_state)``.
 
     Each step reads its gates and writes its gate gradient ``dG`` at the same
-    index of the same buffer (and ``dZ`` over ``u`` for the seed cell), so the
+    index of the same buffer (and ``dZ`` over ``u`` for the output-map cell), so the
     backward pass allocates no ``(T, *B, 4H)`` array of its own: on the CPU a
     fresh large buffer costs a page fault per 4 KiB on every call
     (benchmarks/cpu_effects.py). The previous
@@ -116,7 +126,7 @@ def backward_scan(
 
     def body(carry: tuple, inputs: tuple) -> tuple[tuple, None]:
         dh_next, dc_next, buf, u_buf, gates, u_read = carry
-        dy, t, row, row_next = inputs  # t: the step (for lengths); row: its index in the buffers
+        dy, v, row, row_next = inputs  # v: is the step valid; row: its index in the buffers
         # ``gates`` and ``u`` of this row were read at the end of the previous iteration,
         # after that iteration's write: a read of a row before the write to that row
         # makes XLA copy the whole buffer on every step.
@@ -141,12 +151,12 @@ def backward_scan(
         )
         dh_prev = masked(d_pre @ w_h_t, mask)
         dc_prev = dc * f1
-        valid = valid_at(t, lengths)
-        if valid is not None:
-            d_pre = jnp.where(valid, d_pre, jnp.zeros_like(d_pre))
-            dz = jnp.where(valid, dz, jnp.zeros_like(dz))
-            dh_prev = jnp.where(valid, dh_prev, dh_next)
-            dc_prev = jnp.where(valid, dc_prev, dc_next)
+        keep = valid_at(v)
+        if keep is not None:
+            d_pre = jnp.where(keep, d_pre, jnp.zeros_like(d_pre))
+            dz = jnp.where(keep, dz, jnp.zeros_like(dz))
+            dh_prev = jnp.where(keep, dh_prev, dh_next)
+            dc_prev = jnp.where(keep, dc_prev, dc_next)
         buf = jax.lax.dynamic_update_index_in_dim(buf, d_pre, row, 0)
         gates = jax.lax.dynamic_index_in_dim(buf, row_next, 0, keepdims=False)
         if has_output_map:
@@ -166,7 +176,7 @@ def backward_scan(
     (dh0, dc0, d_pre, dz, _, _), _ = jax.lax.scan(
         body,
         (d_final.hidden, d_final.cell, res.gates, res.u, res.gates[first], u0),
-        (dhs, steps, index, row_next),
+        (dhs, valid, index, row_next),
         reverse=not reverse,
         unroll=unroll,
     )
@@ -210,8 +220,7 @@ def chunk_backward(
     hs: Array,
     dhs: Array,
     d_end: LSTMState,
-    steps: Array,
-    lengths: Array | None,
+    valid: Array | None,
     mask: Array | None,
     reverse: bool,
     unroll: int | bool,
@@ -222,8 +231,8 @@ def chunk_backward(
     and ``hs`` its forward residuals and outputs, ``dhs`` the outputs'
     cotangents and ``d_end`` the cotangent of the state after it.
     """
-    h_prev = previous(hs, start.hidden, steps, lengths, reverse)
-    d_pre, dz, d_start = backward_scan(params, res, start.cell, dhs, d_end, steps, lengths, mask, reverse, unroll)
+    h_prev = previous(hs, start.hidden, valid, reverse)
+    d_pre, dz, d_start = backward_scan(params, res, start.cell, dhs, d_end, valid, mask, reverse, unroll)
     grads = param_grads(params, xs, h_prev, res.cells, d_pre, dz, mask)
     return grads, d_pre @ params.w_x.T, d_start
 
@@ -232,25 +241,20 @@ def chunk_backward(
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def fused(params, xs, state, lengths, mask, reverse, unroll):  # type: ignore[no-untyped-def]
+def fused(params, xs, state, valid, mask, reverse, unroll):  # type: ignore[no-untyped-def]
     """The layer with every step's residuals kept for the hand-written backward pass."""
-    steps = jnp.arange(xs.shape[0], dtype=jnp.int32)
-    return plain_forward(params, xs, state, steps, lengths, mask, reverse, unroll)
+    return plain_forward(params, xs, state, valid, mask, reverse, unroll)
 
 
-def _fused_fwd(params, xs, state, lengths, mask, reverse, unroll):  # type: ignore[no-untyped-def]
-    steps = jnp.arange(xs.shape[0], dtype=jnp.int32)
-    hs, final, res = forward_with_residuals(params, xs, state, steps, lengths, mask, reverse, unroll)
-    return (hs, final), (params, xs, state, lengths, mask, hs, res)
+def _fused_fwd(params, xs, state, valid, mask, reverse, unroll):  # type: ignore[no-untyped-def]
+    hs, final, res = forward_with_residuals(params, xs, state, valid, mask, reverse, unroll)
+    return (hs, final), (params, xs, state, valid, mask, hs, res)
 
 
 def _fused_bwd(reverse, unroll, saved, cotangents):  # type: ignore[no-untyped-def]
-    params, xs, state, lengths, mask, hs, res = saved
+    params, xs, state, valid, mask, hs, res = saved
     dhs, d_final = cotangents
-    steps = jnp.arange(xs.shape[0], dtype=jnp.int32)
-    grads, dxs, d_state = chunk_backward(
-        params, xs, state, res, hs, dhs, d_final, steps, lengths, mask, reverse, unroll
-    )
+    grads, dxs, d_state = chunk_backward(params, xs, state, res, hs, dhs, d_final, valid, mask, reverse, unroll)
     return grads, dxs, d_state, None, _no_grad(mask)
 
 
@@ -261,47 +265,48 @@ fused.defvjp(_fused_fwd, _fused_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def checkpointed(params, xs, state, lengths, mask, reverse, unroll, k):  # type: ignore[no-untyped-def]
+def checkpointed(params, xs, state, valid, mask, reverse, unroll, k):  # type: ignore[no-untyped-def]
     """The layer keeping only each chunk's start state; a chunk's residuals are recomputed backwards."""
-    steps = jnp.arange(xs.shape[0], dtype=jnp.int32)
-    return plain_forward(params, xs, state, steps, lengths, mask, reverse, unroll)
+    return plain_forward(params, xs, state, valid, mask, reverse, unroll)
 
 
-def _checkpointed_fwd(params, xs, state, lengths, mask, reverse, unroll, k):  # type: ignore[no-untyped-def]
-    xs_p, lengths_p, n, T = pad_time(xs, lengths, k)
-    steps = chunk(jnp.arange(n * k, dtype=jnp.int32), n, k)
+def _chunked(a: Array | None, n: int, k: int) -> Array | None:
+    return None if a is None else chunk(a, n, k)
 
-    def chunk_body(s: LSTMState, inputs: tuple[Array, Array]) -> tuple[LSTMState, tuple[Array, LSTMState]]:
-        x, t = inputs
-        hs, new = plain_forward(params, x, s, t, lengths_p, mask, reverse, unroll)
+
+def _checkpointed_fwd(params, xs, state, valid, mask, reverse, unroll, k):  # type: ignore[no-untyped-def]
+    xs_p, valid_p, n, T = pad_time(xs, valid, k)
+
+    def chunk_body(s: LSTMState, inputs: tuple) -> tuple[LSTMState, tuple[Array, LSTMState]]:
+        x, v = inputs
+        hs, new = plain_forward(params, x, s, v, mask, reverse, unroll)
         return new, (hs, s)
 
-    final, (hs, starts) = jax.lax.scan(chunk_body, state, (chunk(xs_p, n, k), steps), reverse=reverse)
+    final, (hs, starts) = jax.lax.scan(chunk_body, state, (chunk(xs_p, n, k), _chunked(valid_p, n, k)), reverse=reverse)
     hs = hs.reshape((n * k,) + hs.shape[2:])[:T]
-    return (hs, final), (params, xs, state, lengths, mask, starts)
+    return (hs, final), (params, xs, state, valid, mask, starts)
 
 
 def _checkpointed_bwd(reverse, unroll, k, saved, cotangents):  # type: ignore[no-untyped-def]
-    params, xs, state, lengths, mask, starts = saved
+    params, xs, state, valid, mask, starts = saved
     dhs, d_final = cotangents
-    xs_p, lengths_p, n, T = pad_time(xs, lengths, k)
+    xs_p, valid_p, n, T = pad_time(xs, valid, k)
     pad = n * k - T
     if pad:
         dhs = jnp.concatenate([dhs, jnp.zeros((pad,) + dhs.shape[1:], dhs.dtype)], axis=0)
-    steps = chunk(jnp.arange(n * k, dtype=jnp.int32), n, k)
     zero_grads = jax.tree.map(jnp.zeros_like, params)
 
     def chunk_body(carry: tuple, inputs: tuple) -> tuple[tuple, Array]:
         d_state, grads = carry
-        x, dy, t, start = inputs
-        hs, _, res = forward_with_residuals(params, x, start, t, lengths_p, mask, reverse, unroll)
-        g, dx, d_start = chunk_backward(params, x, start, res, hs, dy, d_state, t, lengths_p, mask, reverse, unroll)
+        x, dy, v, start = inputs
+        hs, _, res = forward_with_residuals(params, x, start, v, mask, reverse, unroll)
+        g, dx, d_start = chunk_backward(params, x, start, res, hs, dy, d_state, v, mask, reverse, unroll)
         return (d_start, _add_params(grads, g)), dx
 
     (d_state, grads), dxs = jax.lax.scan(
         chunk_body,
         (d_final, zero_grads),
-        (chunk(xs_p, n, k), chunk(dhs, n, k), steps, starts),
+        (chunk(xs_p, n, k), chunk(dhs, n, k), _chunked(valid_p, n, k), starts),
         reverse=not reverse,
     )
     dxs = dxs.reshape((n * k,) + dxs.shape[2:])[:T]

@@ -1,4 +1,4 @@
-r"""The seed's gates as pure functions, and one fused cell step.
+r"""The gates as pure functions, and one fused cell step.
 
 .. math::
 
@@ -33,7 +33,7 @@ def add_bias(y: Array, b: Array) -> Array:
 
 
 def cell_output(params: LSTMParams, cell: Array) -> Array:
-    """``tanh(c @ w_o + b_o)`` (seed cell) or ``tanh(c)`` (classic cell)."""
+    """``tanh(c @ w_o + b_o)`` (output-map cell) or ``tanh(c)`` (classic cell)."""
     if params.w_o is None or params.b_o is None:
         return jnp.tanh(cell)
     return jnp.tanh(add_bias(cell @ params.w_o, params.b_o))

@@ -124,6 +124,49 @@ def check_seq_lengths(seq_lengths: Any, batch_shape: tuple, num_steps: int) -> A
     return jnp.asarray(arr, jnp.int32)
 
 
+def check_step_mask(
+    mask: Any, batch_shape: tuple, num_steps: int, time_major: bool, lengths: Array | None = None
+) -> Array:
+    """Validate a step mask; returns it time-major ``(T, *B)``, boolean.
+
+    A concrete mask is also checked against concrete ``lengths``: it may not
+    mark a step at or past its sequence's length as valid.
+    """
+    arr = mask if isinstance(mask, jax.Array) else np.asarray(mask)
+    batch_shape = tuple(batch_shape)
+    if not batch_shape:
+        expected, layout = (num_steps,), "(T,) for one unbatched sequence"
+    elif time_major:
+        expected, layout = (num_steps,) + batch_shape, "(T, B) since time_major=True"
+    else:
+        expected, layout = batch_shape + (num_steps,), "(B, T), one row per sequence"
+    if arr.shape != expected:
+        raise ValueError(
+            f"mask must have shape {expected} ({layout}); received shape {arr.shape}. "
+            "It marks the valid steps of xs and is never broadcast."
+        )
+    if arr.dtype != np.bool_:
+        raise TypeError(
+            f"mask must be boolean (True at the steps that count); received dtype {arr.dtype}. "
+            "Convert it explicitly, e.g. mask != 0 or mask.astype(bool)."
+        )
+    arr = jnp.asarray(arr)
+    if batch_shape and not time_major:
+        arr = arr.T
+    if lengths is not None and not isinstance(arr, jax.core.Tracer) and not isinstance(lengths, jax.core.Tracer):
+        steps = np.arange(num_steps).reshape((num_steps,) + (1,) * len(batch_shape))
+        beyond = np.asarray(arr) & (steps >= np.asarray(lengths)[None])
+        if beyond.any():
+            where = np.argwhere(beyond)[0]
+            seq = f"sequence {where[1]}" if batch_shape else "the sequence"
+            length = np.asarray(lengths)[tuple(where[1:])]
+            raise ValueError(
+                f"mask and seq_lengths disagree: mask marks step {where[0]} of {seq} valid but its seq_length is "
+                f"{length}. Give one of them, or make the mask false at every step t >= seq_lengths."
+            )
+    return arr
+
+
 def check_mask(mask: Any, expected_shape: tuple, dtype: Any) -> Array:
     mask = jnp.asarray(mask)
     if mask.shape != tuple(expected_shape):

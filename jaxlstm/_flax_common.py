@@ -8,21 +8,30 @@ import jax
 import jax.numpy as jnp
 
 from ._cell import step
-from ._checks import check_floating, check_num_layers, positive_int
+from ._checks import check_floating, check_num_layers, describe, positive_int
+from ._init import zero_state
 from ._stack import lstm_stack, merge_fn
-from ._types import Array, LSTMParams, LSTMState
+from ._types import Array, BidirectionalState, LSTMParams, LSTMState
 
 
 def merged_size(merge: Any, hidden_size: int) -> int:
-    """Features after merging the two directions of a bidirectional layer."""
+    """Features after merging the two directions of a bidirectional layer that another layer follows."""
     spec = jax.ShapeDtypeStruct((1, hidden_size), jnp.float32)
-    return int(jax.eval_shape(merge_fn(merge), spec, spec).shape[-1])
+    merged = jax.eval_shape(merge_fn(merge), spec, spec)
+    if not isinstance(merged, jax.ShapeDtypeStruct):
+        raise ValueError(
+            f"merge={merge!r} gives {describe(merged)} rather than one array, so no layer can follow it: use it "
+            "with num_layers=1, or merge into one array (e.g. merge='concat')."
+        )
+    return int(merged.shape[-1])
 
 
 def layer_input_sizes(input_size: int, hidden_size: int, num_layers: int, bidirectional: bool, merge: Any) -> list[int]:
     """The input size of each layer of a stack."""
     check_num_layers(num_layers)
     positive_int(hidden_size, "hidden_size")
+    if num_layers == 1:
+        return [input_size]
     out = hidden_size if not bidirectional else merged_size(merge, hidden_size)
     return [input_size] + [out] * (num_layers - 1)
 
@@ -39,13 +48,41 @@ def cast_tree(tree: Any, dtype: Any) -> Any:
     return jax.tree.map(lambda a: jnp.asarray(a).astype(dtype), tree)
 
 
-def cell_step(params: LSTMParams, carry: Any, x: Any, dtype: Any, param_dtype: Any) -> tuple[LSTMState, Array]:
-    """One step of a module cell: params, carry and input cast to the compute dtype, then the fused step."""
+def cell_step(params: LSTMParams, carry: Any, x: Any, dtype: Any, param_dtype: Any) -> tuple[Any, Array]:
+    """One step of a module cell: params, carry and input cast to the compute dtype, then the fused step.
+
+    The carry comes back with the structure and dtypes it came in with (an
+    :class:`jaxlstm.LSTMState` or a plain ``(c, h)`` tuple, in ``param_dtype``
+    from ``initialize_carry``), so ``nn.RNN``/``nnx.RNN`` can scan it whatever
+    the compute dtype; the output ``y`` is in the compute dtype.
+    """
+    if not (isinstance(carry, tuple) and len(carry) == 2):
+        raise TypeError(
+            f"the carry of an LSTM cell is a pair (cell, hidden), e.g. from initialize_carry; "
+            f"received {describe(carry)}."
+        )
     x = jnp.asarray(x)
     cdt = compute_dtype(x, dtype, param_dtype)
     params = cast_tree(params, cdt)
-    carry = LSTMState(*cast_tree(tuple(carry), cdt))
-    return step(params, carry, x.astype(cdt))
+    cell, hidden = (jnp.asarray(c) for c in carry)
+    new, y = step(params, LSTMState(cell.astype(cdt), hidden.astype(cdt)), x.astype(cdt))
+    out = (new.cell.astype(cell.dtype), new.hidden.astype(hidden.dtype))
+    if hasattr(carry, "_fields"):  # LSTMState or another named pair: rebuilt as such
+        return type(carry)._make(out), y  # type: ignore[attr-defined]
+    return out, y
+
+
+def zero_states(
+    input_shape: tuple[int, ...], hidden_size: int, num_layers: int, bidirectional: bool, time_major: bool, dtype: Any
+) -> tuple:
+    """Zero initial states of a module stack, one per layer, for inputs of ``input_shape``."""
+    shape = tuple(input_shape)
+    if len(shape) not in (2, 3):
+        layout = "(T, B, I)" if time_major else "(B, T, I)"
+        raise ValueError(f"initialize_carry: input_shape must be {layout} or (T, I); received {shape}.")
+    batch = () if len(shape) == 2 else ((shape[1],) if time_major else (shape[0],))
+    one = zero_state(hidden_size, batch, dtype)
+    return tuple(BidirectionalState(one, one) if bidirectional else one for _ in range(num_layers))
 
 
 def run(
@@ -57,6 +94,7 @@ def run(
     param_dtype: Any,
     seq_lengths: Any,
     merge: Any,
+    mask: Any = None,
     reverse: bool,
     time_major: bool,
     unroll: Any,
@@ -71,6 +109,8 @@ def run(
     xs = jnp.asarray(xs)
     cdt = compute_dtype(xs, dtype, param_dtype)
     layers = cast_tree(layers, cdt)
+    if isinstance(initial_state, (LSTMState, BidirectionalState)):  # a one-layer stack's state alone
+        initial_state = (initial_state,)
     if initial_state is not None:  # lstm_stack checks there is one per layer
         initial_state = tuple(None if s is None else cast_tree(s, cdt) for s in initial_state)
     return lstm_stack(
@@ -78,6 +118,7 @@ def run(
         xs.astype(cdt),
         initial_state,
         seq_lengths=seq_lengths,
+        mask=mask,
         reverse=reverse,
         merge=merge,
         time_major=time_major,
@@ -103,3 +144,21 @@ def final_summary(states: Any, bidirectional: bool) -> Array:
     if bidirectional:
         return jnp.concatenate([last.forward.hidden, last.backward.hidden], axis=-1)
     return last.hidden
+
+
+def initial_state_shape(num_layers: int, bidirectional: bool, hidden_size: int) -> tuple[int, int, int]:
+    """Shape of a learned initial cell (or hidden) state: ``(num_layers, directions, H)``."""
+    return (num_layers, 2 if bidirectional else 1, hidden_size)
+
+
+def learned_states(cell: Array, hidden: Array, xs: Array, time_major: bool, bidirectional: bool) -> tuple:
+    """Per-layer initial states from learned ``(num_layers, directions, H)`` arrays, broadcast over the batch."""
+    batch = () if xs.ndim == 2 else ((xs.shape[1],) if time_major else (xs.shape[0],))
+
+    def one(k: int, d: int) -> LSTMState:
+        shape = batch + (cell.shape[-1],)
+        return LSTMState(jnp.broadcast_to(cell[k, d], shape), jnp.broadcast_to(hidden[k, d], shape))
+
+    if bidirectional:
+        return tuple(BidirectionalState(one(k, 0), one(k, 1)) for k in range(cell.shape[0]))
+    return tuple(one(k, 0) for k in range(cell.shape[0]))

@@ -145,7 +145,7 @@ def init_params(
     * ``bias_init``: zeros; then ``forget_bias`` (default 1.0) is added to
       ``b_f1``, so the cell starts out remembering (Jozefowicz et al., 2015).
     * ``output_init``: the identity for ``W_o`` and ``output_bias_init``: zeros
-      for ``b_o``. The seed cell thus starts out *exactly* as the classic cell
+      for ``b_o``. The output-map cell thus starts out *exactly* as the classic cell
       (``tanh(W_o c + b_o) = tanh(c)``) and learns its output map from there;
       a random ``W_o`` would scramble the cell state's coordinates before the
       first step of training.
@@ -154,7 +154,8 @@ def init_params(
       key: a PRNG key.
       input_size: ``I > 0``.
       hidden_size: ``H > 0``.
-      output_transform: ``True`` for the seed cell, ``False`` for the classic cell.
+      output_transform: ``True`` for the output-map cell (``tanh(W_o c + b_o)`` in the
+        output gate), ``False`` for the classic cell (``tanh(c)``).
       dtype: parameter dtype.
 
     Returns:
@@ -195,7 +196,7 @@ def params_from_gates(
     W_o: Any = None,
     b_o: Any = None,
 ) -> LSTMParams:
-    """Build :class:`LSTMParams` from per-gate matrices in the seed's notation.
+    """Build :class:`LSTMParams` from per-gate matrices in the per-gate notation of the equations.
 
     Args:
       W_f1, W_i, W_f2, W_f3: ``(H, H + I)`` each, acting on the concatenation

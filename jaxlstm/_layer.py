@@ -26,19 +26,23 @@ from ._checks import (
     check_seq_lengths,
     check_sequence,
     check_state,
+    check_step_mask,
     check_unroll,
     resolve_bptt,
     sequence_shape,
 )
 from ._init import zero_state
-from ._scan import autodiff_checkpointed, plain_forward, without_padding
+from ._scan import autodiff_checkpointed, plain_forward, step_validity, without_padding
 from ._types import Array, Bptt, LSTMParams, LSTMState
 
 
 def prepare(
-    params: LSTMParams, xs: Any, state: Any, seq_lengths: Any, time_major: bool, unroll: Any
-) -> tuple[Array, LSTMState, Array | None]:
-    """Check every argument of a layer call at trace time; returns them normalised."""
+    params: LSTMParams, xs: Any, state: Any, seq_lengths: Any, time_major: bool, unroll: Any, mask: Any = None
+) -> tuple[Array, LSTMState, Array | None, Array | None]:
+    """Check every argument of a layer call at trace time; returns them normalised.
+
+    Returns ``(xs, state, lengths, step_mask)`` with the step mask time-major ``(T, *B)``.
+    """
     check_params(params)
     xs = jnp.asarray(xs)
     check_sequence(xs, params.input_size, time_major)
@@ -52,14 +56,17 @@ def prepare(
     lengths = None
     if seq_lengths is not None:
         lengths = check_seq_lengths(seq_lengths, batch, num_steps)
-    return xs, state, lengths
+    step_mask = None
+    if mask is not None:
+        step_mask = check_step_mask(mask, batch, num_steps, time_major, lengths)
+    return xs, state, lengths, step_mask
 
 
 def run_time_major(
     params: LSTMParams,
     xs: Array,
     state: LSTMState,
-    lengths: Array | None,
+    valid: Array | None,
     mask: Array | None,
     *,
     reverse: bool,
@@ -67,21 +74,23 @@ def run_time_major(
     bptt: str,
     checkpoint_every: int | None,
 ) -> tuple[Array, LSTMState]:
-    """Dispatch a time-major layer to the autodiff scan, the custom backward, or the chunked custom backward."""
+    """Dispatch a time-major layer to the autodiff scan, the custom backward, or the chunked custom backward.
+
+    ``valid`` ``(T, *B)`` marks the steps that count (``None``: all); ``mask`` is the recurrent dropout mask.
+    """
     if xs.shape[0] == 0:  # nothing to scan: no outputs, the state passes through (and so does its gradient)
         return jnp.zeros(xs.shape[:-1] + (params.hidden_size,), xs.dtype), state
-    if lengths is not None:
-        xs, lengths = without_padding(xs, lengths)
+    if valid is not None:
+        xs = without_padding(xs, valid)
     if mask is not None:
         mask = jax.lax.stop_gradient(mask)
     if bptt == "autodiff":
         if checkpoint_every is None:
-            steps = jnp.arange(xs.shape[0], dtype=jnp.int32)
-            return plain_forward(params, xs, state, steps, lengths, mask, reverse, unroll)
-        return autodiff_checkpointed(params, xs, state, lengths, mask, reverse, unroll, checkpoint_every)
+            return plain_forward(params, xs, state, valid, mask, reverse, unroll)
+        return autodiff_checkpointed(params, xs, state, valid, mask, reverse, unroll, checkpoint_every)
     if checkpoint_every is None:
-        return fused(params, xs, state, lengths, mask, reverse, unroll)
-    return checkpointed(params, xs, state, lengths, mask, reverse, unroll, checkpoint_every)
+        return fused(params, xs, state, valid, mask, reverse, unroll)
+    return checkpointed(params, xs, state, valid, mask, reverse, unroll, checkpoint_every)
 
 
 @functools.partial(jax.jit, static_argnames=("reverse", "time_major", "unroll", "bptt", "checkpoint_every"))
@@ -90,6 +99,7 @@ def _lstm_jit(
     xs: Array,
     state: LSTMState,
     lengths: Array | None,
+    step_mask: Array | None,
     mask: Array | None,
     *,
     reverse: bool,
@@ -101,8 +111,9 @@ def _lstm_jit(
     batched_batch_major = xs.ndim == 3 and not time_major
     if batched_batch_major:
         xs = jnp.swapaxes(xs, 0, 1)
+    valid = step_validity(lengths, step_mask, xs.shape[0])
     hs, final = run_time_major(
-        params, xs, state, lengths, mask, reverse=reverse, unroll=unroll, bptt=bptt, checkpoint_every=checkpoint_every
+        params, xs, state, valid, mask, reverse=reverse, unroll=unroll, bptt=bptt, checkpoint_every=checkpoint_every
     )
     if batched_batch_major:
         hs = jnp.swapaxes(hs, 0, 1)
@@ -115,6 +126,7 @@ def lstm(
     state: LSTMState | None = None,
     *,
     seq_lengths: Array | None = None,
+    mask: Array | None = None,
     reverse: bool = False,
     time_major: bool = False,
     unroll: int | bool = 1,
@@ -139,9 +151,18 @@ def lstm(
         gradients. Concrete lengths outside ``[0, T]`` raise a ``ValueError``;
         traced ones (inside ``jax.jit``) cannot be checked and are clamped to
         ``[0, T]``.
-      reverse: process time backwards. With ``seq_lengths``, each sequence's
-        valid prefix runs from its last valid step to its first (the padding
-        stays at the end). Outputs are always in the input's time order.
+      mask: optional boolean ``(B, T)`` (``(T, B)`` with ``time_major=True``,
+        ``(T,)`` unbatched), true at the steps that count, in any pattern:
+        left padding, holes, right padding. A masked step leaves the state
+        unchanged and outputs zeros, exactly as a step past ``seq_lengths``
+        (whatever ``xs`` holds there never reaches outputs or gradients); the
+        final state is the state after the last valid step. With both
+        ``mask`` and ``seq_lengths``, a step counts if both say so, and a
+        concrete mask that marks a step at or past its sequence's length
+        raises a ``ValueError``.
+      reverse: process time backwards. With ``seq_lengths`` or ``mask``, each
+        sequence's valid steps run from the last to the first (masked steps
+        stay where they are). Outputs are always in the input's time order.
       time_major: layout of ``xs`` and the outputs.
       unroll: passed to ``jax.lax.scan``.
       bptt: how gradients flow back through time. ``"custom"`` (default): a
@@ -183,7 +204,7 @@ def lstm(
       True
     """
     bptt = resolve_bptt(bptt, backward)
-    xs, state, lengths = prepare(params, xs, state, seq_lengths, time_major, unroll)
+    xs, state, lengths, step_mask = prepare(params, xs, state, seq_lengths, time_major, unroll, mask)
     check_bptt(bptt, checkpoint_every)
     if recurrent_mask is not None:
         recurrent_mask = check_mask(recurrent_mask, state.hidden.shape, params.dtype)
@@ -193,6 +214,7 @@ def lstm(
             xs,
             state,
             lengths,
+            step_mask,
             recurrent_mask,
             reverse=bool(reverse),
             time_major=bool(time_major),

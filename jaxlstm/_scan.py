@@ -1,8 +1,10 @@
 """Time-major scans without a hand-written gradient, and the pieces they share with :mod:`jaxlstm._bptt`.
 
-All arrays here are time-major: ``xs`` ``(T, *B, I)``. The padding of a
-sequence (steps ``t >= L``) is handled by holding the state and writing zeros
-(:func:`hold`); platform-dependent choices (the stacked matmul) are made at
+All arrays here are time-major: ``xs`` ``(T, *B, I)``. Which steps count is
+one boolean array ``valid`` ``(T, *B)`` (``None``: every step), built from
+``seq_lengths`` and/or a step mask; at an invalid step the state is held and
+the output is zero (:func:`hold`). ``mask`` is the recurrent dropout mask
+``(*B, H)``. Platform-dependent choices (the stacked matmul) are made at
 trace time from ``jax.default_backend()``.
 """
 
@@ -37,13 +39,23 @@ def stacked_weight(params: LSTMParams, xs: Array) -> Array | None:
     return jnp.concatenate([params.w_h, params.w_x], axis=0)
 
 
-def valid_at(steps_t: Array, lengths: Array | None) -> Array | None:
-    """``(..., 1)`` true where step ``t`` is inside the sequence (``None``: no lengths, all valid)."""
-    return None if lengths is None else (steps_t < lengths)[..., None]
+def step_validity(lengths: Array | None, step_mask: Array | None, num_steps: int) -> Array | None:
+    """``valid`` ``(T, *B)``: the step mask (time-major) and ``t < L``, whichever are given; ``None`` if neither."""
+    valid = step_mask
+    if lengths is not None:
+        steps = jnp.arange(num_steps, dtype=jnp.int32).reshape((num_steps,) + (1,) * lengths.ndim)
+        by_length = steps < lengths[None]
+        valid = by_length if valid is None else valid & by_length
+    return valid
+
+
+def valid_at(valid_t: Array | None) -> Array | None:
+    """One step's ``valid`` ``(*B,)`` as ``(*B, 1)``, to select whole states."""
+    return None if valid_t is None else valid_t[..., None]
 
 
 def hold(valid: Array | None, new: LSTMState, old: LSTMState) -> tuple[LSTMState, Array]:
-    """Masked step: past a sequence's length keep the old state and output zeros."""
+    """At an invalid step keep the old state and output zeros."""
     if valid is None:
         return new, new.hidden
     held = LSTMState(jnp.where(valid, new.cell, old.cell), jnp.where(valid, new.hidden, old.hidden))
@@ -59,8 +71,7 @@ def plain_forward(
     params: LSTMParams,
     xs: Array,
     state: LSTMState,
-    steps: Array,
-    lengths: Array | None,
+    valid: Array | None,
     mask: Array | None,
     reverse: bool,
     unroll: int | bool,
@@ -68,12 +79,12 @@ def plain_forward(
     """The forward scan with no residuals: ``(hiddens (T, *B, H), final state)``."""
     w = stacked_weight(params, xs)
 
-    def body(s: LSTMState, inputs: tuple[Array, Array]) -> tuple[LSTMState, Array]:
-        x, t = inputs
+    def body(s: LSTMState, inputs: tuple[Array, Array | None]) -> tuple[LSTMState, Array]:
+        x, v = inputs
         new, _ = step(params, s, x, mask, w)
-        return hold(valid_at(t, lengths), new, s)
+        return hold(valid_at(v), new, s)
 
-    final, hs = jax.lax.scan(body, state, (xs, steps), reverse=reverse, unroll=unroll)
+    final, hs = jax.lax.scan(body, state, (xs, valid), reverse=reverse, unroll=unroll)
     return hs, final
 
 
@@ -82,52 +93,49 @@ def chunk(a: Array, n: int, k: int) -> Array:
     return a.reshape((n, k) + a.shape[1:])
 
 
-def pad_time(xs: Array, lengths: Array | None, k: int) -> tuple[Array, Array | None, int, int]:
-    """Pad ``T`` up to a multiple of ``k``; padded steps are masked out."""
+def pad_time(xs: Array, valid: Array | None, k: int) -> tuple[Array, Array | None, int, int]:
+    """Pad ``T`` up to a multiple of ``k``; padded steps are invalid."""
     T = xs.shape[0]
     n = -(-T // k)
     pad = n * k - T
     if pad:
         xs = jnp.concatenate([xs, jnp.zeros((pad,) + xs.shape[1:], xs.dtype)], axis=0)
-        if lengths is None:
-            lengths = jnp.full(xs.shape[1:-1], T, jnp.int32)
-    return xs, lengths, n, T
+        if valid is None:
+            valid = jnp.ones(xs.shape[1:-1], bool)[None].repeat(T, axis=0)
+        valid = jnp.concatenate([valid, jnp.zeros((pad,) + valid.shape[1:], bool)], axis=0)
+    return xs, valid, n, T
 
 
-def without_padding(xs: Array, lengths: Array) -> tuple[Array, Array]:
-    """Lengths clamped to ``[0, T]`` and the padded steps of ``xs`` zeroed.
+def without_padding(xs: Array, valid: Array) -> Array:
+    """``xs`` with its invalid steps zeroed.
 
-    Padded steps never reach the outputs, but their inputs still pass through
+    Invalid steps never reach the outputs, but their inputs still pass through
     the step's arithmetic (the state is held afterwards). A NaN or inf there
     would turn into a NaN gradient (``0 * nan``) in both backward passes, so
-    the padding is replaced by zeros first; its gradient is zero.
+    they are replaced by zeros first; their gradient is zero.
     """
-    num_steps = xs.shape[0]
-    lengths = jnp.clip(lengths, 0, num_steps)
-    steps = jnp.arange(num_steps, dtype=jnp.int32).reshape((num_steps,) + (1,) * lengths.ndim)
-    valid = (steps < lengths[None])[..., None]
-    return jnp.where(valid, xs, jnp.zeros((), xs.dtype)), lengths
+    return jnp.where(valid[..., None], xs, jnp.zeros((), xs.dtype))
 
 
 def autodiff_checkpointed(
     params: LSTMParams,
     xs: Array,
     state: LSTMState,
-    lengths: Array | None,
+    valid: Array | None,
     mask: Array | None,
     reverse: bool,
     unroll: int | bool,
     k: int,
 ) -> tuple[Array, LSTMState]:
     """Autodiff path with ``jax.checkpoint`` around each chunk of ``k`` steps."""
-    xs_p, lengths_p, n, T = pad_time(xs, lengths, k)
-    steps = chunk(jnp.arange(n * k, dtype=jnp.int32), n, k)
+    xs_p, valid_p, n, T = pad_time(xs, valid, k)
 
     @jax.checkpoint
-    def chunk_body(s: LSTMState, inputs: tuple[Array, Array]) -> tuple[LSTMState, Array]:
-        x, t = inputs
-        hs, new = plain_forward(params, x, s, t, lengths_p, mask, reverse, unroll)
+    def chunk_body(s: LSTMState, inputs: tuple[Array, Array | None]) -> tuple[LSTMState, Array]:
+        x, v = inputs
+        hs, new = plain_forward(params, x, s, v, mask, reverse, unroll)
         return new, hs
 
-    final, hs = jax.lax.scan(chunk_body, state, (chunk(xs_p, n, k), steps), reverse=reverse)
+    chunks = (chunk(xs_p, n, k), None if valid_p is None else chunk(valid_p, n, k))
+    final, hs = jax.lax.scan(chunk_body, state, chunks, reverse=reverse)
     return hs.reshape((n * k,) + hs.shape[2:])[:T], final

@@ -20,6 +20,7 @@ from ._types import (
     Layer,
     LayerState,
     LSTMParams,
+    LSTMState,
 )
 
 _MERGES: dict[str, Callable[[Array, Array], Array]] = {
@@ -30,13 +31,20 @@ _MERGES: dict[str, Callable[[Array, Array], Array]] = {
 }
 
 
-def merge_fn(merge: str | Callable[[Array, Array], Any]) -> Callable[[Array, Array], Any]:
-    """The function a bidirectional layer merges its directions with (a name or a function)."""
+def _apart(forward: Array, backward: Array) -> tuple[Array, Array]:
+    return forward, backward
+
+
+def merge_fn(merge: str | Callable[[Array, Array], Any] | None) -> Callable[[Array, Array], Any]:
+    """The function a bidirectional layer merges its directions with (a name, a function, or ``None``: apart)."""
+    if merge is None:
+        return _apart
     if callable(merge):
         return merge
     if merge not in _MERGES:
         raise ValueError(
-            f"merge must be one of {sorted(_MERGES)} or a function (forward, backward) -> merged; received {merge!r}."
+            f"merge must be one of {sorted(_MERGES)}, a function (forward, backward) -> merged, or None (the two "
+            f"directions' outputs returned apart); received {merge!r}."
         )
     return _MERGES[merge]
 
@@ -71,28 +79,32 @@ def bidirectional(
     state: BidirectionalState | None = None,
     *,
     seq_lengths: Array | None = None,
-    merge: str | Callable[[Array, Array], Array] = "concat",
+    mask: Array | None = None,
+    merge: str | Callable[[Array, Array], Any] | None = "concat",
     time_major: bool = False,
     unroll: int | bool = 1,
     bptt: Bptt | None = None,
     checkpoint_every: int | None = None,
     recurrent_masks: tuple[Array, Array] | None = None,
     backward: str | None = None,
-) -> tuple[Array, BidirectionalState]:
+) -> tuple[Any, BidirectionalState]:
     """A bidirectional LSTM layer: one pass forwards, one backwards, merged.
 
     The backward pass is ``lstm(params.backward, xs, reverse=True)``: with
-    ``seq_lengths`` it reads each sequence's valid prefix from its last valid
-    step to its first, so padding never reaches either direction.
+    ``seq_lengths`` or ``mask`` it reads each sequence's valid steps from the
+    last to the first, so padding never reaches either direction.
 
     Args:
       params: :class:`BidirectionalParams`.
       xs: ``(B, T, I)``, ``(T, B, I)`` with ``time_major=True``, or ``(T, I)``.
       state: optional :class:`BidirectionalState` of initial states.
       seq_lengths: optional ``(B,)`` valid lengths (see :func:`jaxlstm.lstm`).
+      mask: optional boolean ``(B, T)`` step mask (see :func:`jaxlstm.lstm`).
       merge: ``"concat"`` (default, ``[forward, backward]`` on the feature
         axis, ``2H`` features), ``"sum"``, ``"mean"``, ``"mul"`` (``H``
-        features), or a function ``(forward, backward) -> merged``.
+        features), a function ``(forward, backward) -> merged`` (which may
+        return any pytree), or ``None``: the pair ``(forward_outputs,
+        backward_outputs)``, each with ``H`` features.
       time_major, unroll, bptt, checkpoint_every: as in :func:`jaxlstm.lstm`.
       recurrent_masks: optional pair ``(forward_mask, backward_mask)``, each
         a ``recurrent_mask`` for :func:`jaxlstm.lstm`.
@@ -118,7 +130,7 @@ def bidirectional(
         if not isinstance(p, LSTMParams):
             raise TypeError(f"BidirectionalParams.{name} must be jaxlstm.LSTMParams; received {describe(p)}.")
     h_f, h_b = params.forward.hidden_size, params.backward.hidden_size
-    if h_f != h_b and not callable(merge) and merge != "concat":
+    if h_f != h_b and isinstance(merge, str) and merge != "concat":
         raise ValueError(
             f"merge={merge!r} adds or multiplies the two directions element by element, so both need one hidden "
             f"size; received forward hidden_size {h_f} and backward hidden_size {h_b}. Build both directions with "
@@ -133,7 +145,12 @@ def bidirectional(
             )
         fwd_state, bwd_state = state
     kw: dict[str, Any] = dict(
-        seq_lengths=seq_lengths, time_major=time_major, unroll=unroll, bptt=bptt, checkpoint_every=checkpoint_every
+        seq_lengths=seq_lengths,
+        mask=mask,
+        time_major=time_major,
+        unroll=unroll,
+        bptt=bptt,
+        checkpoint_every=checkpoint_every,
     )
     mask_f, mask_b = (None, None) if recurrent_masks is None else recurrent_masks
     with _naming("bidirectional: forward direction: "):
@@ -207,8 +224,9 @@ def lstm_stack(
     states: Sequence[LayerState] | None = None,
     *,
     seq_lengths: Array | None = None,
+    mask: Array | None = None,
     reverse: bool = False,
-    merge: str | Callable[[Array, Array], Array] = "concat",
+    merge: str | Callable[[Array, Array], Any] | None = "concat",
     time_major: bool = False,
     unroll: int | bool = 1,
     bptt: Bptt | None = None,
@@ -225,11 +243,17 @@ def lstm_stack(
         :class:`BidirectionalParams` layers, e.g. from :func:`init_stack`.
       xs: ``(B, T, I)``, ``(T, B, I)`` with ``time_major=True``, or ``(T, I)``.
       states: optional initial state per layer (``LSTMState`` or
-        ``BidirectionalState``), ``None`` for zeros.
+        ``BidirectionalState``), ``None`` for zeros; a one-layer stack also
+        takes its state alone.
       seq_lengths: optional ``(B,)`` valid lengths, applied in every layer.
+      mask: optional boolean ``(B, T)`` step mask, applied in every layer
+        (see :func:`jaxlstm.lstm`).
       reverse: run the unidirectional layers backwards.
       merge: how bidirectional layers merge their directions (see
-        :func:`bidirectional`).
+        :func:`bidirectional`). A merge that returns something other than
+        one array (``None``: the two directions apart, or a function
+        returning a pytree) is for the last layer only, since each other
+        layer feeds the next one an array.
       time_major, unroll, bptt, checkpoint_every: as in :func:`jaxlstm.lstm`
         (``backward`` is the deprecated name of ``bptt``).
       dropout_rate: dropout applied to each layer's output except the last's
@@ -242,8 +266,8 @@ def lstm_stack(
 
     Returns:
       ``(outputs, final_states)``: the last layer's outputs and a tuple with
-      each layer's final state. With ``seq_lengths``, outputs at padded steps
-      are zero in every layer.
+      each layer's final state. With ``seq_lengths`` or ``mask``, outputs at
+      padded or masked steps are zero in every layer.
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxlstm
@@ -255,6 +279,13 @@ def lstm_stack(
     layers = tuple(layers)
     if not layers:
         raise ValueError("lstm_stack needs at least one layer; received an empty sequence.")
+    if isinstance(states, (LSTMState, BidirectionalState)):
+        if len(layers) != 1:
+            raise ValueError(
+                f"lstm_stack: received one state ({type(states).__name__}) for {len(layers)} layers; pass a "
+                "sequence with one state per layer (None for zeros)."
+            )
+        states = (states,)
     initial: tuple = (None,) * len(layers) if states is None else tuple(states)
     if len(initial) != len(layers):
         raise ValueError(
@@ -273,6 +304,7 @@ def lstm_stack(
     for n, (layer, state, key) in enumerate(zip(layers, initial, keys)):
         kw: dict[str, Any] = dict(
             seq_lengths=seq_lengths,
+            mask=mask,
             time_major=time_major,
             unroll=unroll,
             bptt=bptt,
@@ -284,6 +316,12 @@ def lstm_stack(
         with _naming(f"lstm_stack: layer {n}: "):
             ys, final = _stack_layer(
                 layer, ys, state, k_fwd, k_bwd, batch, merge, reverse, use_recurrent, recurrent_dropout_rate, kw
+            )
+        if n < len(layers) - 1 and not isinstance(ys, jax.Array):
+            raise ValueError(
+                f"lstm_stack: layer {n}: merge={merge!r} gave {describe(ys)}, but layer {n + 1} needs one array "
+                "as its input. Merge the directions into one array (e.g. merge='concat') when a layer follows, "
+                "or run the last bidirectional layer with jaxlstm.bidirectional to get its directions apart."
             )
         if use_dropout and k_out is not None and n < len(layers) - 1:
             ys = ys * dropout_mask(k_out, dropout_rate, ys.shape, ys.dtype)

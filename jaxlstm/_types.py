@@ -7,18 +7,18 @@ Notation used for shapes throughout the package:
 * ``I`` input features
 * ``H`` hidden features (the size of both ``c`` and ``a``)
 
-Layout. The four maps of ``[a^{t-1}, x^t]`` in the seed's equations
+Layout. The four maps of ``[a^{t-1}, x^t]`` in the cell's equations
 (``W_f1``, ``W_i``, ``W_f2``, ``W_f3``) are stored fused, in row-vector
 orientation, as two matrices so that one step costs two matmuls::
 
     pre = a @ w_h + x @ w_x + b          # (..., 4H)
     pre = [pre_f1 | pre_i | pre_f2 | pre_f3]   # gate order along the last axis
 
-``w_h`` is ``(H, 4H)``, ``w_x`` is ``(I, 4H)``, ``b`` is ``(4H,)``. The seed's
+``w_h`` is ``(H, 4H)``, ``w_x`` is ``(I, 4H)``, ``b`` is ``(4H,)``. The cell's
 output map ``W_o c + b_o`` is stored as ``w_o = W_o.T`` ``(H, H)`` and ``b_o``
 ``(H,)``; both are ``None`` for the classic cell (``tanh(c)``).
 
-Names of the gate blocks follow the seed: ``f1`` (forget), ``i`` (the tanh
+Names of the gate blocks follow the equations: ``f1`` (forget), ``i`` (the tanh
 candidate, ``tanh(W_i [a, x] + b_i)``), ``f2`` (the sigmoid that scales the
 candidate, what other libraries call the input gate) and ``f3`` (the sigmoid
 of the output gate). The candidate is ``i`` everywhere in this package.
@@ -53,12 +53,12 @@ class LSTMParams(NamedTuple):
         in the order ``f1, i, f2, f3`` (see :data:`GATE_ORDER`).
       w_x: ``(I, 4H)`` input weights, acting on ``x^t``; same block order.
       b: ``(4H,)`` biases ``[b_f1 | b_i | b_f2 | b_f3]``.
-      w_o: ``(H, H)`` the seed's output map, transposed (``W_o.T``), or
+      w_o: ``(H, H)`` the output map, transposed (``W_o.T``), or
         ``None`` for the classic cell.
-      b_o: ``(H,)`` the seed's output bias, or ``None`` for the classic cell.
+      b_o: ``(H,)`` the output map's bias, or ``None`` for the classic cell.
 
     Use :func:`init_params` or :func:`params_from_gates` to build one, and
-    :meth:`gates` to read it back in the seed's notation.
+    :meth:`gates` to read it back in the per-gate notation of the equations.
 
     Example:
       >>> import jax, jaxlstm
@@ -87,7 +87,7 @@ class LSTMParams(NamedTuple):
 
     @property
     def output_transform(self) -> bool:
-        """``True`` for the seed cell (``tanh(W_o c + b_o)``), ``False`` for the classic cell."""
+        """``True`` for the output-map cell (``tanh(W_o c + b_o)``), ``False`` for the classic cell."""
         return self.w_o is not None
 
     @property
@@ -96,7 +96,7 @@ class LSTMParams(NamedTuple):
         return self.w_h.dtype
 
     def gates(self) -> dict[str, Array | None]:
-        """The weights in the seed's notation (the inverse of :func:`params_from_gates`).
+        """The weights in the per-gate notation of the equations (the inverse of :func:`params_from_gates`).
 
         Returns:
           A dict with keys ``W_f1, b_f1, W_i, b_i, W_f2, b_f2, W_f3, b_f3`` (each

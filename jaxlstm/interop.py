@@ -22,7 +22,7 @@ Haiku         ``linear/w (I + H, 4H)`` over ``[x, h]``,    i g f o      split ro
               ``linear/b (4H)``; adds 1 to ``f`` inside
 ============  ==========================================  ===========  ==============================
 
-The seed cell's output map cannot be expressed by these formats: exporting
+The output-map cell's ``W_o`` cannot be expressed by these formats: exporting
 params with ``w_o``/``b_o`` raises, unless ``w_o`` is exactly the identity and
 ``b_o`` exactly zero (then the cell *is* the classic cell).
 

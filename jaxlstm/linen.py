@@ -6,12 +6,14 @@ functional core, so there is one implementation of the maths.
 
 Parameter tree of :class:`LSTM`: ``{"layer_0": {...}, "layer_1": {...}}``,
 or for a bidirectional stack ``{"layer_0_forward": {...},
-"layer_0_backward": {...}, ...}``; :meth:`LSTM.layers` turns it into the functional API's layers
-and :meth:`LSTM.variables` back.
+"layer_0_backward": {...}, ...}``, each layer one parameter entry
+holding ``w_h, w_x, b`` (and ``w_o, b_o``); :meth:`LSTM.layers` turns it into
+the functional API's layers and :meth:`LSTM.set_layers` writes them back.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from . import _flax_common as common
-from ._init import layer_initializers, param_shapes, zero_state
+from ._init import init_params, layer_initializers, param_shapes, zero_state
 from ._types import BidirectionalParams, Initializer, LSTMParams, LSTMState
 
 
@@ -41,11 +43,19 @@ class LSTMCell(nn.RNNCellBase):
     """One LSTM step as a linen cell: ``__call__(carry, x) -> (carry, y)``.
 
     Works with ``flax.linen.RNN`` and ``flax.linen.Bidirectional``. The carry
-    is a :class:`jaxlstm.LSTMState` ``(cell, hidden)``, each ``(*B, H)``.
+    is a :class:`jaxlstm.LSTMState` ``(cell, hidden)``, each ``(*B, H)``. A plain ``(c, h)``
+    tuple is accepted and returned as a tuple; the carry keeps the dtype it
+    was given (``param_dtype`` from ``initialize_carry``) whatever the
+    compute ``dtype``.
+
+    The Flax drivers scan this cell with plain autodiff. For speed, run whole
+    sequences with :class:`LSTM` instead: it uses the hand-written backward
+    pass of :func:`jaxlstm.lstm`.
 
     Attributes:
       hidden_size: ``H``.
-      output_transform: ``True`` for the seed cell, ``False`` for the classic one.
+      output_transform: ``True`` for the output-map cell (``tanh(W_o c + b_o)`` in the
+        output gate), ``False`` for the classic one (``tanh(c)``).
       dtype: compute dtype (``None``: promote input and params).
       param_dtype: parameter dtype.
       kernel_init, recurrent_init, bias_init, forget_bias, output_init,
@@ -97,24 +107,6 @@ class LSTMCell(nn.RNNCellBase):
         return {k: v for k, v in params._asdict().items() if v is not None}
 
 
-class _Direction(nn.Module):
-    """Declares one direction's parameters (no computation)."""
-
-    hidden_size: int
-    output_transform: bool
-    param_dtype: Any
-    kernel_init: Initializer | None
-    recurrent_init: Initializer | None
-    bias_init: Initializer | None
-    forget_bias: float
-    output_init: Initializer | None
-    output_bias_init: Initializer | None
-
-    @nn.compact
-    def __call__(self, input_size: int) -> LSTMParams:
-        return _declare(self, input_size)
-
-
 class LSTM(nn.Module):
     """A stack of (optionally bidirectional) LSTM layers, as a linen module.
 
@@ -122,9 +114,11 @@ class LSTM(nn.Module):
       hidden_size: ``H`` of every layer.
       num_layers: number of stacked layers.
       bidirectional: run each layer both ways and merge.
-      merge: ``"concat"`` (default), ``"sum"``, ``"mean"``, ``"mul"`` or a
-        function ``(forward, backward) -> merged``.
-      output_transform: ``True`` (default) for the seed cell, ``False`` for
+      merge: ``"concat"`` (default), ``"sum"``, ``"mean"``, ``"mul"``, a
+        function ``(forward, backward) -> merged``, or ``None`` for the pair
+        ``(forward_outputs, backward_outputs)`` (see :func:`jaxlstm.bidirectional`;
+        a merge that does not give one array needs ``num_layers=1``).
+      output_transform: ``True`` (default) for the output-map cell, ``False`` for
         the classic cell.
       dropout_rate: dropout on each layer's output except the last's.
       recurrent_dropout_rate: variational dropout on ``a^{t-1}`` inside the
@@ -139,8 +133,12 @@ class LSTM(nn.Module):
       unroll, reverse, time_major, bptt, checkpoint_every: see
         :func:`jaxlstm.lstm`; ``reverse`` and ``time_major`` can be overridden
         per call. ``backward`` is the deprecated name of ``bptt``.
+      learn_initial_state: add trainable initial states, parameters
+        ``initial_cell`` and ``initial_hidden`` of shape
+        ``(num_layers, directions, H)`` (zeros at init), used for every
+        sequence of the batch when the call gives no ``initial_state``.
 
-    Call: ``model.apply(variables, xs, initial_state=None, *, seq_lengths=None,
+    Call: ``model.apply(variables, xs, initial_state=None, *, seq_lengths=None, mask=None,
     deterministic=None, return_state=False)``. ``xs`` is ``(B, T, I)`` (or
     ``(T, B, I)`` time-major, or ``(T, I)``). Returns the last layer's outputs,
     or ``(outputs, final_states)`` with ``return_state=True`` where
@@ -162,7 +160,7 @@ class LSTM(nn.Module):
     hidden_size: int
     num_layers: int = 1
     bidirectional: bool = False
-    merge: str | Callable[[jax.Array, jax.Array], jax.Array] = "concat"
+    merge: str | Callable[[jax.Array, jax.Array], Any] | None = "concat"
     output_transform: bool = True
     dropout_rate: float = 0.0
     recurrent_dropout_rate: float = 0.0
@@ -181,13 +179,28 @@ class LSTM(nn.Module):
     bptt: str | None = None
     checkpoint_every: int | None = None
     backward: str | None = None
+    learn_initial_state: bool = False
 
-    def _direction_kwargs(self) -> dict:
-        names = (
-            "hidden_size output_transform param_dtype kernel_init recurrent_init bias_init "
-            "forget_bias output_init output_bias_init"
-        ).split()
-        return {n: getattr(self, n) for n in names}
+    def _declare_layer(self, name: str, input_size: int) -> LSTMParams:
+        """One direction of one layer as a single parameter entry (initialised by :func:`jaxlstm.init_params`)."""
+
+        def init(key: jax.Array) -> dict:
+            params = init_params(
+                key,
+                input_size,
+                self.hidden_size,
+                output_transform=self.output_transform,
+                dtype=self.param_dtype,
+                kernel_init=self.kernel_init,
+                recurrent_init=self.recurrent_init,
+                bias_init=self.bias_init,
+                forget_bias=self.forget_bias,
+                output_init=self.output_init,
+                output_bias_init=self.output_bias_init,
+            )
+            return LSTMCell.from_params(params)
+
+        return LSTMCell.to_params(self.param(name, init))
 
     @nn.compact
     def __call__(
@@ -196,6 +209,7 @@ class LSTM(nn.Module):
         initial_state=None,
         *,
         seq_lengths: jax.Array | None = None,
+        mask: jax.Array | None = None,
         deterministic: bool | None = None,
         return_state: bool = False,
         reverse: bool | None = None,
@@ -210,15 +224,20 @@ class LSTM(nn.Module):
         sizes = common.layer_input_sizes(
             xs.shape[-1], self.hidden_size, self.num_layers, self.bidirectional, self.merge
         )
-        kw = self._direction_kwargs()
         layers: list[Any] = []
         for k, size in enumerate(sizes):
             if self.bidirectional:
-                fwd = _Direction(**kw, name=f"layer_{k}_forward")(size)
-                bwd = _Direction(**kw, name=f"layer_{k}_backward")(size)
+                fwd = self._declare_layer(f"layer_{k}_forward", size)
+                bwd = self._declare_layer(f"layer_{k}_backward", size)
                 layers.append(BidirectionalParams(fwd, bwd))
             else:
-                layers.append(_Direction(**kw, name=f"layer_{k}")(size))
+                layers.append(self._declare_layer(f"layer_{k}", size))
+        if self.learn_initial_state:
+            shape = common.initial_state_shape(self.num_layers, self.bidirectional, self.hidden_size)
+            cell = self.param("initial_cell", nn.initializers.zeros, shape, self.param_dtype)
+            hidden = self.param("initial_hidden", nn.initializers.zeros, shape, self.param_dtype)
+            if initial_state is None:
+                initial_state = common.learned_states(cell, hidden, xs, time_major, self.bidirectional)
         key = None
         if common.needs_dropout_key(deterministic, self.dropout_rate, self.recurrent_dropout_rate, self.num_layers):
             key = self.make_rng("dropout")
@@ -229,6 +248,7 @@ class LSTM(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             seq_lengths=seq_lengths,
+            mask=mask,
             merge=self.merge,
             reverse=reverse,
             time_major=time_major,
@@ -260,8 +280,14 @@ class LSTM(nn.Module):
         return tuple(out)
 
     @nn.nowrap
-    def variables_from(self, layers) -> dict:
-        """Layers of the functional API -> ``{"params": ...}`` for ``apply``."""
+    def set_layers(self, variables: dict | None, layers) -> dict:
+        """Layers of the functional API -> ``{"params": ...}`` for ``apply``.
+
+        The functional counterpart of NNX's ``model.set_layers(layers)``:
+        ``variables`` (this module's, or ``None``) are not changed; a new dict is
+        returned with their other collections and the given layers as ``params``.
+        """
+        layers = tuple(layers)
         if len(layers) != self.num_layers:
             raise ValueError(f"expected {self.num_layers} layers; received {len(layers)}.")
         params = {}
@@ -273,7 +299,33 @@ class LSTM(nn.Module):
                 params[f"layer_{k}_backward"] = LSTMCell.from_params(layer.backward)
             else:
                 params[f"layer_{k}"] = LSTMCell.from_params(layer)
-        return {"params": params}
+        out = {} if variables is None else {k: v for k, v in variables.items() if k != "params"}
+        out["params"] = params
+        return out
+
+    @nn.nowrap
+    def variables_from(self, layers) -> dict:
+        """Deprecated: ``set_layers(None, layers)``."""
+        warnings.warn(
+            "jaxlstm.linen.LSTM.variables_from is deprecated; use set_layers(variables, layers), "
+            "the name NNX's LSTM uses too.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.set_layers(None, layers)
+
+    @nn.nowrap
+    def initialize_carry(self, rng: jax.Array | None, input_shape: tuple[int, ...]) -> tuple:
+        """Zero initial states for inputs of ``input_shape`` (``(B, T, I)``, ``(T, B, I)`` time-major, or ``(T, I)``).
+
+        One :class:`jaxlstm.LSTMState` (or :class:`jaxlstm.BidirectionalState`)
+        per layer, in ``param_dtype``: what ``initial_state`` takes and
+        ``return_state=True`` returns. ``rng`` is unused (as in Flax's cells).
+        """
+        del rng
+        return common.zero_states(
+            input_shape, self.hidden_size, self.num_layers, self.bidirectional, self.time_major, self.param_dtype
+        )
 
 
 class SequenceClassifier(nn.Module):
@@ -302,7 +354,7 @@ class SequenceClassifier(nn.Module):
     dropout_rate: float = 0.0
 
     @nn.compact
-    def __call__(self, tokens, seq_lengths=None, deterministic: bool | None = None):
+    def __call__(self, tokens, seq_lengths=None, deterministic: bool | None = None, mask=None):
         x = nn.Embed(self.vocab_size, self.embed_dim)(tokens)
         _, states = LSTM(
             self.hidden_size,
@@ -310,7 +362,7 @@ class SequenceClassifier(nn.Module):
             bidirectional=self.bidirectional,
             output_transform=self.output_transform,
             dropout_rate=self.dropout_rate,
-        )(x, seq_lengths=seq_lengths, deterministic=deterministic, return_state=True)
+        )(x, seq_lengths=seq_lengths, mask=mask, deterministic=deterministic, return_state=True)
         return nn.Dense(self.num_classes)(common.final_summary(states, self.bidirectional))
 
 

@@ -25,12 +25,20 @@ class LSTMCell(nnx.RNNCellBase):
     """One LSTM step as an NNX cell: ``__call__(carry, x) -> (carry, y)``.
 
     Works with ``flax.nnx.RNN`` and ``flax.nnx.Bidirectional``. The carry is
-    a :class:`jaxlstm.LSTMState` ``(cell, hidden)``, each ``(*B, H)``.
+    a :class:`jaxlstm.LSTMState` ``(cell, hidden)``, each ``(*B, H)``. A plain ``(c, h)``
+    tuple is accepted and returned as a tuple; the carry keeps the dtype it
+    was given (``param_dtype`` from ``initialize_carry``) whatever the
+    compute ``dtype``.
+
+    The Flax drivers scan this cell with plain autodiff. For speed, run whole
+    sequences with :class:`LSTM` instead: it uses the hand-written backward
+    pass of :func:`jaxlstm.lstm`.
 
     Args:
       in_features: ``I``.
       hidden_size: ``H``.
-      output_transform: ``True`` for the seed cell, ``False`` for the classic cell.
+      output_transform: ``True`` for the output-map cell (``tanh(W_o c + b_o)`` in the
+        output gate), ``False`` for the classic cell (``tanh(c)``).
       dtype: compute dtype (``None``: promote input and params).
       param_dtype: parameter dtype.
       kernel_init, recurrent_init, bias_init, forget_bias, output_init,
@@ -133,12 +141,15 @@ class LSTM(nnx.Module):
         recurrent_dropout_rate, dtype, param_dtype, initializers, unroll,
         reverse, time_major, bptt, checkpoint_every: as in
         :class:`jaxlstm.linen.LSTM`; ``reverse`` and ``time_major`` can be overridden per call.
+      learn_initial_state: trainable initial states ``initial_cell`` and
+        ``initial_hidden`` ``(num_layers, directions, H)`` (zeros at init),
+        as in :class:`jaxlstm.linen.LSTM`.
       deterministic: dropout off when ``True``; flipped by ``model.eval()`` /
         ``model.train()`` as for ``nnx.Dropout``, and overridable per call.
       rngs: ``nnx.Rngs``; its ``params`` stream initialises the weights and,
         when a dropout rate is set, its ``dropout`` stream is kept for masks.
 
-    Call: ``model(xs, initial_state=None, *, seq_lengths=None,
+    Call: ``model(xs, initial_state=None, *, seq_lengths=None, mask=None,
     deterministic=None, return_state=False, rngs=None)`` with the same
     shapes and results as :class:`jaxlstm.linen.LSTM`.
 
@@ -161,7 +172,7 @@ class LSTM(nnx.Module):
         *,
         num_layers: int = 1,
         bidirectional: bool = False,
-        merge: str | Callable[[jax.Array, jax.Array], jax.Array] = "concat",
+        merge: str | Callable[[jax.Array, jax.Array], Any] | None = "concat",
         output_transform: bool = True,
         dropout_rate: float = 0.0,
         recurrent_dropout_rate: float = 0.0,
@@ -180,6 +191,7 @@ class LSTM(nnx.Module):
         bptt: str | None = None,
         checkpoint_every: int | None = None,
         backward: str | None = None,
+        learn_initial_state: bool = False,
         rngs: nnx.Rngs,
     ):
         sizes = common.layer_input_sizes(in_features, hidden_size, num_layers, bidirectional, merge)
@@ -218,6 +230,13 @@ class LSTM(nnx.Module):
             self.backward_cells = nnx.List([LSTMCell(size, hidden_size, **cell_kw) for size in sizes])
         else:
             self.backward_cells = nnx.data(None)  # type: ignore[arg-type]
+        if learn_initial_state:
+            shape = common.initial_state_shape(num_layers, bidirectional, hidden_size)
+            self.initial_cell = nnx.Param(jnp.zeros(shape, param_dtype))
+            self.initial_hidden = nnx.Param(jnp.zeros(shape, param_dtype))
+        else:
+            self.initial_cell = nnx.data(None)  # type: ignore[arg-type]
+            self.initial_hidden = nnx.data(None)  # type: ignore[arg-type]
         if dropout_rate > 0.0 or recurrent_dropout_rate > 0.0:
             self.rngs = rngs.dropout.fork()
         else:
@@ -244,12 +263,25 @@ class LSTM(nnx.Module):
                 self.forward_cells[k].set_params(layer.forward)
                 self.backward_cells[k].set_params(layer.backward)
 
+    def initialize_carry(self, input_shape: tuple[int, ...], rngs: Any = None) -> tuple:
+        """Zero initial states for inputs of ``input_shape`` (``(B, T, I)``, ``(T, B, I)`` time-major, or ``(T, I)``).
+
+        One :class:`jaxlstm.LSTMState` (or :class:`jaxlstm.BidirectionalState`)
+        per layer, in ``param_dtype``: what ``initial_state`` takes and
+        ``return_state=True`` returns. ``rngs`` is unused (as in Flax's cells).
+        """
+        del rngs
+        return common.zero_states(
+            input_shape, self.hidden_size, self.num_layers, self.bidirectional, self.time_major, self.param_dtype
+        )
+
     def __call__(
         self,
         xs: jax.Array,
         initial_state=None,
         *,
         seq_lengths: jax.Array | None = None,
+        mask: jax.Array | None = None,
         deterministic: bool | None = None,
         return_state: bool = False,
         rngs: nnx.Rngs | None = None,
@@ -259,6 +291,10 @@ class LSTM(nnx.Module):
         deterministic = self.deterministic if deterministic is None else deterministic
         reverse = self.reverse if reverse is None else reverse
         time_major = self.time_major if time_major is None else time_major
+        if initial_state is None and self.initial_cell is not None and self.initial_hidden is not None:
+            initial_state = common.learned_states(
+                self.initial_cell[...], self.initial_hidden[...], jnp.asarray(xs), time_major, self.bidirectional
+            )
         key = None
         if common.needs_dropout_key(deterministic, self.dropout_rate, self.recurrent_dropout_rate, self.num_layers):
             if rngs is not None:
@@ -274,6 +310,7 @@ class LSTM(nnx.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             seq_lengths=seq_lengths,
+            mask=mask,
             merge=self.merge,
             reverse=reverse,
             time_major=time_major,
@@ -291,7 +328,7 @@ class LSTM(nnx.Module):
 class SequenceClassifier(nnx.Module):
     """``Embed -> LSTM -> Linear`` on the final state: token sequences to class logits.
 
-    Call: ``model(tokens, seq_lengths=None, deterministic=None)`` with integer
+    Call: ``model(tokens, seq_lengths=None, deterministic=None, mask=None)`` with integer
     ``tokens`` ``(B, T)``; returns logits ``(B, num_classes)``.
 
     Example:
@@ -329,9 +366,9 @@ class SequenceClassifier(nnx.Module):
         )
         self.head = nnx.Linear(hidden_size * (2 if bidirectional else 1), num_classes, rngs=rngs)
 
-    def __call__(self, tokens, seq_lengths=None, deterministic: bool | None = None):
+    def __call__(self, tokens, seq_lengths=None, deterministic: bool | None = None, mask=None):
         _, states = self.lstm(
-            self.embed(tokens), seq_lengths=seq_lengths, deterministic=deterministic, return_state=True
+            self.embed(tokens), seq_lengths=seq_lengths, mask=mask, deterministic=deterministic, return_state=True
         )
         return self.head(common.final_summary(states, self.bidirectional))
 

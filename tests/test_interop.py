@@ -326,3 +326,25 @@ def test_writing_into_a_cell_of_another_size_is_refused(peer_promotion):
             interop.to_flax_nnx(p, cell)
     with pytest.raises(ValueError, match=r"to_equinox: the cell's weight_ih has shape \(32, 4\)"):
         interop.to_equinox(p, eqx.nn.LSTMCell(I, 8, key=jax.random.key(0)))
+
+
+@pytest.mark.parametrize("go_backwards", [False, True], ids=["fwd", "rev"])
+def test_keras_parity_with_mask(go_backwards, peer_promotion):
+    keras = pytest.importorskip("keras", reason="Keras not installed")
+    layer = keras.layers.LSTM(H, return_sequences=True, return_state=True, go_backwards=go_backwards)
+    x = rand((B, T, I), "float32", 14)
+    rng = np.random.default_rng(15)
+    valid = rng.random((B, T)) < 0.6
+    valid[0] = np.arange(T) >= T // 2  # left padding
+    valid[1] = np.arange(T) < T // 2  # right padding
+    layer(x)
+    layer.set_weights([rng.normal(size=tuple(w.shape)).astype("float32") * 0.5 for w in layer.weights])
+    out, hn, cn = layer(x, mask=valid)
+    p = interop.from_keras(layer)
+    ys, final = jaxlstm.lstm(p, jnp.asarray(x), mask=jnp.asarray(valid), reverse=go_backwards)
+    out = np.asarray(out)
+    if go_backwards:  # Keras returns the outputs in processing order
+        out = out[:, ::-1]
+    np.testing.assert_allclose(np.asarray(ys)[valid], out[valid], **F32)  # Keras repeats an output at masked steps
+    np.testing.assert_allclose(final.hidden, np.asarray(hn), **F32)
+    np.testing.assert_allclose(final.cell, np.asarray(cn), **F32)

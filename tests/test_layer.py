@@ -1,5 +1,6 @@
 """One layer over a sequence (jaxlstm.lstm) against the independent NumPy reference (float64)."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -103,3 +104,71 @@ def test_zero_state_default_equals_explicit_zeros():
     np.testing.assert_allclose(hs, ref_h, rtol=RTOL, atol=ATOL)
     z = jaxlstm.zero_state(p, (2,))
     assert z.cell.dtype == jnp.float64 and z.cell.shape == (2, 2)
+
+
+MASKS = {  # (B, T) = (3, 7): each pattern on one row, a full row and an empty row beside it
+    "left": [[0, 0, 0, 1, 1, 1, 1], [1] * 7, [0] * 7],
+    "holes": [[1, 0, 1, 1, 0, 0, 1], [0, 1, 1, 0, 1, 1, 0], [1] * 7],
+    "right": [[1, 1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0, 0], [0] * 7],
+}
+
+
+@pytest.mark.parametrize("seed_cell", [True, False], ids=["seed", "classic"])
+@pytest.mark.parametrize("pattern", sorted(MASKS))
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("time_major", [False, True], ids=["batch_major", "time_major"])
+def test_mask_matches_numpy_reference(seed_cell, pattern, reverse, time_major):
+    rng, g, xs, c0, a0 = make(11, 3, 7, 3, 4, seed_cell)
+    valid = np.array(MASKS[pattern], bool)
+    xs = xs.copy()
+    xs[~valid] = np.nan  # whatever a masked step holds never reaches the results
+    p = jaxlstm.params_from_gates(**g)
+    x_in, m_in = (np.swapaxes(xs, 0, 1), valid.T) if time_major else (xs, valid)
+    hs, final = jaxlstm.lstm(
+        p, x_in, jaxlstm.LSTMState(c0, a0), mask=jnp.asarray(m_in), reverse=reverse, time_major=time_major
+    )
+    if time_major:
+        hs = np.swapaxes(hs, 0, 1)
+    ref_h, ref_c, ref_a = run_batch(g, np.nan_to_num(xs), c0, a0, reverse=reverse, valid=valid)
+    np.testing.assert_allclose(hs, ref_h, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(final.cell, ref_c, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(final.hidden, ref_a, rtol=RTOL, atol=ATOL)
+
+
+def test_mask_equals_seq_lengths_where_they_coincide_and_both_combine():
+    rng, g, xs, c0, a0 = make(12, 3, 6, 2, 3)
+    p = jaxlstm.params_from_gates(**g)
+    lengths = np.array([6, 2, 0])
+    prefix = np.arange(6)[None] < lengths[:, None]
+    s0 = jaxlstm.LSTMState(c0, a0)
+    for reverse in (False, True):
+        by_len = jaxlstm.lstm(p, xs, s0, seq_lengths=jnp.asarray(lengths), reverse=reverse)
+        by_mask = jaxlstm.lstm(p, xs, s0, mask=jnp.asarray(prefix), reverse=reverse)
+        both = jaxlstm.lstm(p, xs, s0, mask=jnp.asarray(prefix), seq_lengths=jnp.asarray(lengths), reverse=reverse)
+        for other in (by_mask, both):
+            for a, b in zip(jax.tree.leaves(by_len), jax.tree.leaves(other)):
+                np.testing.assert_array_equal(a, b)
+    # a hole inside the lengths: both apply
+    holes = prefix.copy()
+    holes[0, 1] = False
+    hs, _ = jaxlstm.lstm(p, xs, s0, mask=jnp.asarray(holes), seq_lengths=jnp.asarray(lengths))
+    ref_h, _, _ = run_batch(g, xs, c0, a0, lengths, valid=holes)
+    np.testing.assert_allclose(hs, ref_h, rtol=RTOL, atol=ATOL)
+
+
+def test_mask_is_checked():
+    rng, g, xs, c0, a0 = make(13, 2, 5, 3, 2)
+    p = jaxlstm.params_from_gates(**g)
+    ok = np.ones((2, 5), bool)
+    with pytest.raises(ValueError, match=r"mask must have shape \(2, 5\) \(\(B, T\).*received shape \(5, 2\)"):
+        jaxlstm.lstm(p, xs, mask=ok.T)
+    with pytest.raises(ValueError, match=r"mask must have shape \(5, 2\) \(\(T, B\) since time_major"):
+        jaxlstm.lstm(p, np.swapaxes(xs, 0, 1), mask=ok, time_major=True)
+    with pytest.raises(ValueError, match=r"mask must have shape \(2, 5\).*never broadcast"):
+        jaxlstm.lstm(p, xs, mask=ok[:1])
+    with pytest.raises(TypeError, match=r"mask must be boolean.*float64.*mask != 0"):
+        jaxlstm.lstm(p, xs, mask=ok.astype(np.float64))
+    with pytest.raises(ValueError, match=r"mask and seq_lengths disagree: mask marks step 3 of sequence 1 valid"):
+        jaxlstm.lstm(p, xs, mask=ok, seq_lengths=jnp.array([5, 3]))
+    with pytest.raises(ValueError, match=r"mask must have shape \(5,\) \(\(T,\) for one unbatched"):
+        jaxlstm.lstm(p, xs[0], mask=ok)

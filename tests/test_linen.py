@@ -42,8 +42,8 @@ def test_linen_module_equals_functional_core(num_layers, bidirectional, output_t
     for a, b in zip(jax.tree.leaves(states), jax.tree.leaves(ref_states)):
         np.testing.assert_array_equal(a, b)
     assert all(layer_is(layers, bidirectional, output_transform))
-    # and back: variables_from(layers) reproduces the variables exactly
-    back = model.variables_from(layers)
+    # and back: set_layers(variables, layers) reproduces the variables exactly
+    back = model.set_layers(variables, layers)
     assert jax.tree.structure(back) == jax.tree.structure(jax.tree.map(lambda a: a, dict(variables)))
     for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(variables)):
         np.testing.assert_array_equal(a, b)

@@ -109,3 +109,44 @@ def test_stack_recurrent_dropout_is_one_mask_per_sequence():
     plain, _ = jaxlstm.lstm_stack(layers, xs)
     assert not np.allclose(ys, plain)
     assert len({tuple(np.asarray(m[b])) for m in masks[:1] for b in range(4)}) > 1  # masks differ across sequences
+
+
+def test_bidirectional_and_stack_with_mask_against_reference():
+    rng = np.random.default_rng(5)
+    gf, gb = random_gates(rng, 3, 4), random_gates(rng, 3, 4, seed_cell=False)
+    p = jaxlstm.BidirectionalParams(jaxlstm.params_from_gates(**gf), jaxlstm.params_from_gates(**gb))
+    xs = rng.normal(size=(3, 6, 3))
+    valid = np.array([[0, 0, 1, 1, 1, 1], [1, 0, 1, 0, 1, 1], [1, 1, 1, 1, 0, 0]], bool)
+    z = np.zeros((3, 4))
+    ys, state = jaxlstm.bidirectional(p, xs, mask=jnp.asarray(valid))
+    of, _, af = run_batch(gf, xs, z, z, valid=valid)
+    ob, cb, _ = run_batch(gb, xs, z, z, reverse=True, valid=valid)  # the valid steps, last to first
+    np.testing.assert_allclose(ys, np.concatenate([of, ob], axis=-1), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(state.forward.hidden, af, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(state.backward.cell, cb, rtol=1e-12, atol=1e-12)
+    # in a stack the mask applies in every layer: equal to running the layers one by one with it
+    layers = (p, jaxlstm.params_from_gates(**random_gates(rng, 8, 2)))
+    ys2, finals = jaxlstm.lstm_stack(layers, xs, mask=jnp.asarray(valid))
+    y1, _ = jaxlstm.bidirectional(p, xs, mask=jnp.asarray(valid))
+    y2, f2 = jaxlstm.lstm(layers[1], y1, mask=jnp.asarray(valid))
+    np.testing.assert_array_equal(ys2, y2)
+    np.testing.assert_array_equal(finals[1].hidden, f2.hidden)
+    np.testing.assert_array_equal(np.asarray(ys2)[~valid], 0.0)
+
+
+def test_merge_none_returns_both_directions_and_a_merge_may_return_a_pytree():
+    layers = jaxlstm.init_stack(jax.random.key(0), 3, 4, num_layers=2, bidirectional=True, dtype=jnp.float64)
+    xs = jax.random.normal(jax.random.key(1), (2, 5, 3), jnp.float64)
+    p = layers[0]
+    yf, _ = jaxlstm.lstm(p.forward, xs)
+    yb, _ = jaxlstm.lstm(p.backward, xs, reverse=True)
+    (f, b), _ = jaxlstm.bidirectional(p, xs, merge=None)
+    np.testing.assert_array_equal(f, yf)
+    np.testing.assert_array_equal(b, yb)
+    out, _ = jaxlstm.bidirectional(p, xs, merge=lambda f, b: {"last": f[:, -1], "first": b[:, 0]})
+    np.testing.assert_array_equal(out["first"], yb[:, 0])
+    # in a stack: fine on the last layer, a clear error before another layer
+    ys, _ = jaxlstm.lstm_stack(layers[:1], xs, merge=None)
+    np.testing.assert_array_equal(ys[1], yb)
+    with pytest.raises(ValueError, match=r"layer 0: merge=None gave a tuple of 2 items, but layer 1 needs one array"):
+        jaxlstm.lstm_stack(layers, xs, merge=None)

@@ -271,26 +271,80 @@ def make_evaluator(model: CharLM, tokens: np.ndarray, seq_len: int, streams: int
     return evaluate
 
 
-def sample(model: CharLM, params, vocab: str, prompt: str, length: int, temperature: float, seed: int) -> str:
-    """Continue ``prompt`` by ``length`` characters sampled at ``temperature``."""
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-        raise RunError(f"--temperature must be a finite positive number; received {temperature}.")
+def filter_logits(logits: jax.Array, temperature: float, top_k: int | None = None, top_p: float = 1.0) -> jax.Array:
+    """Next-token logits ``(..., V)`` scaled by ``1 / temperature``, with all but the ``top_k`` most likely
+    tokens and all outside the smallest set holding probability ``top_p`` (nucleus) set to ``-inf``."""
+    logits = logits / temperature
+    neg_inf = jnp.asarray(-jnp.inf, logits.dtype)
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, neg_inf, logits)
+    if top_p < 1.0:
+        ordered = jnp.sort(logits, axis=-1)[..., ::-1]
+        probs = jax.nn.softmax(ordered, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # probability of the more likely tokens
+        kept = jnp.where(before < top_p, ordered, jnp.asarray(jnp.inf, logits.dtype))
+        threshold = jnp.min(kept, axis=-1, keepdims=True)  # the least likely token still kept
+        logits = jnp.where(logits < threshold, neg_inf, logits)
+    return logits
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float, num_samples: int) -> None:
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+        raise RunError(f"--temperature must be a finite number >= 0 (0: greedy); received {temperature}.")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise RunError(f"--top-k must be a positive integer; received {top_k!r}.")
+    if not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):
+        raise RunError(f"--top-p must lie in (0, 1]; received {top_p!r}.")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise RunError(f"--num-samples must be a positive integer; received {num_samples!r}.")
+
+
+def sample(
+    model: CharLM,
+    params,
+    vocab: str,
+    prompt: str,
+    length: int,
+    temperature: float,
+    seed: int,
+    *,
+    top_k: int | None = None,
+    top_p: float = 1.0,
+    num_samples: int = 1,
+) -> list[str]:
+    """``num_samples`` continuations of ``prompt`` by ``length`` characters each, drawn in one batch.
+
+    ``temperature=0`` is greedy decoding (every sample the same); otherwise
+    each character is drawn from the softmax of ``logits / temperature``,
+    restricted by ``top_k`` and ``top_p`` (see :func:`filter_logits`).
+    """
+    check_sampling(temperature, top_k, top_p, num_samples)
     prompt = prompt or ("\n" if "\n" in vocab else vocab[0])
-    ids = jnp.asarray(encode(prompt, vocab))[None, :]
+    ids = jnp.tile(jnp.asarray(encode(prompt, vocab))[None, :], (num_samples, 1))
 
     @jax.jit
     def run(params, tokens, carry):
         logits, carry = model.apply({"params": params}, tokens, carry, return_state=True)
         return logits[:, -1], carry
 
+    @jax.jit
+    def choose(key, logits):
+        if temperature == 0:
+            return jnp.argmax(logits, axis=-1)
+        return jax.random.categorical(key, filter_logits(logits, temperature, top_k, top_p))
+
     logits, carry = run(params, ids, None)
     key = jax.random.key(seed)
     out = []
     for i in range(length):
-        nxt = jax.random.categorical(jax.random.fold_in(key, i), logits / temperature)
-        out.append(int(nxt[0]))
+        nxt = choose(jax.random.fold_in(key, i), logits)
+        out.append(nxt)
         logits, carry = run(params, nxt[:, None].astype(jnp.int32), carry)
-    return prompt + "".join(vocab[i] for i in out)
+    if not out:
+        return [prompt] * num_samples
+    chosen = np.asarray(jnp.stack(out, axis=1))
+    return [prompt + "".join(vocab[i] for i in row) for row in chosen]
 
 
 def estimate_step_bytes(cfg: Config, vocab_size: int) -> int:
@@ -660,7 +714,7 @@ def _train_locked(options: dict, out: pathlib.Path, stop, *, resume: bool, overw
         )
         return TrainResult(result.state, result.history, stop.signal or signal.SIGINT)
     plot_history(history, out / "loss.png")
-    text_sample = sample(model, result.state.params, cfg.vocab, "", 400, 0.8, cfg.seed)
+    text_sample = sample(model, result.state.params, cfg.vocab, "", 400, 0.8, cfg.seed)[0]
     training.write_text_atomic(out / "sample.txt", text_sample)
     log(f"finished at step {int(result.state.step)} in {wall:.0f} s; wrote {out}/checkpoints, metrics.jsonl, loss.png")
     log("sample:\n" + text_sample)
@@ -716,11 +770,24 @@ def load(run_dir, log: Callable[[str], None] = print):
     return model, state.params, cfg
 
 
-def generate(run_dir, prompt: str = "", length: int = 500, temperature: float = 0.8, seed: int = 0, log=print) -> str:
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise RunError(f"--temperature must be a finite positive number; received {temperature}.")
+def generate(
+    run_dir,
+    prompt: str = "",
+    length: int = 500,
+    temperature: float = 0.8,
+    seed: int = 0,
+    log=print,
+    *,
+    top_k: int | None = None,
+    top_p: float = 1.0,
+    num_samples: int = 1,
+) -> list[str]:
+    """Samples from the newest intact checkpoint of a run (see :func:`sample`); one string per sample."""
+    check_sampling(temperature, top_k, top_p, num_samples)
     model, params, cfg = load(pathlib.Path(run_dir), log)
-    return sample(model, params, cfg.vocab, prompt, length, temperature, seed)
+    return sample(
+        model, params, cfg.vocab, prompt, length, temperature, seed, top_k=top_k, top_p=top_p, num_samples=num_samples
+    )
 
 
 __all__ = [

@@ -88,12 +88,27 @@ def _generate(args: argparse.Namespace) -> int:
     from . import charlm
 
     note = lambda msg: print(f"jaxlstm generate: note: {msg}", file=sys.stderr, flush=True)
-    print(charlm.generate(args.checkpoint, args.prompt, args.length, args.temperature, args.seed, log=note))
+    temperature = 0.0 if args.greedy else args.temperature
+    samples = charlm.generate(
+        args.checkpoint,
+        args.prompt,
+        args.length,
+        temperature,
+        args.seed,
+        log=note,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        num_samples=args.num_samples,
+    )
+    for k, text in enumerate(samples):
+        if len(samples) > 1:
+            print(f"--- sample {k + 1} of {len(samples)} ---")
+        print(text)
     return 0
 
 
-def _number(kind, *, minimum=None, positive=False):
-    """An argparse type: ``kind`` (int or float), finite, and positive / at least ``minimum``."""
+def _number(kind, *, minimum=None, positive=False, maximum=None):
+    """An argparse type: ``kind`` (int or float), finite, and positive / at least ``minimum`` / at most ``maximum``."""
 
     def parse(value):
         try:
@@ -108,6 +123,8 @@ def _number(kind, *, minimum=None, positive=False):
             raise argparse.ArgumentTypeError(f"must be positive; received {value}")
         if minimum is not None and v < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}; received {value}")
+        if maximum is not None and v > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum}; received {value}")
         return v
 
     return parse
@@ -130,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="LSTMs in JAX: the classic cell, and a cell whose output gate applies a learned map "
         "W_o c + b_o to the cell state before the tanh.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     train = sub.add_parser(
         "train",
@@ -152,40 +170,87 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"total steps (default {d.steps}); with --resume a larger value lengthens the run, its learning-rate "
         "schedule unchanged (steps past its end use the final rate)",
     )
-    train.add_argument("--batch-size", type=pos_int, default=None, help=f"default {d.batch_size}")
+    train.add_argument(
+        "--batch-size", type=pos_int, default=None, help=f"sequences per training step (default {d.batch_size})"
+    )
     train.add_argument("--seq-len", type=pos_int, default=None, help=f"characters per sequence (default {d.seq_len})")
-    train.add_argument("--hidden-size", type=pos_int, default=None, help=f"default {d.hidden_size}")
-    train.add_argument("--embed-dim", type=pos_int, default=None, help=f"default {d.embed_dim}")
-    train.add_argument("--layers", type=pos_int, default=None, help=f"default {d.num_layers}")
+    train.add_argument(
+        "--hidden-size", type=pos_int, default=None, help=f"LSTM hidden size H of every layer (default {d.hidden_size})"
+    )
+    train.add_argument(
+        "--embed-dim", type=pos_int, default=None, help=f"character embedding size (default {d.embed_dim})"
+    )
+    train.add_argument("--layers", type=pos_int, default=None, help=f"stacked LSTM layers (default {d.num_layers})")
     train.add_argument(
         "--lr", type=_number(float, positive=True), default=None, help=f"peak learning rate (default {d.learning_rate})"
     )
-    train.add_argument("--seed", type=_number(int, minimum=0), default=None, help=f"default {d.seed}")
-    train.add_argument("--eval-every", type=pos_int, default=None, help=f"default {d.eval_every}")
-    train.add_argument("--save-every", type=pos_int, default=None, help=f"default {d.save_every}")
+    train.add_argument(
+        "--seed",
+        type=_number(int, minimum=0),
+        default=None,
+        help=f"seed of initialisation and batches (default {d.seed})",
+    )
+    train.add_argument(
+        "--eval-every", type=pos_int, default=None, help=f"steps between held-out evaluations (default {d.eval_every})"
+    )
+    train.add_argument(
+        "--save-every", type=pos_int, default=None, help=f"steps between checkpoints (default {d.save_every})"
+    )
     train.add_argument(
         "--classic",
         action="store_true",
         help="the classic cell (output gate tanh(c)) instead of the default cell with a learned output map "
         "tanh(W_o c + b_o)",
     )
-    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument(
+        "--no-progress", action="store_true", help="no progress bar: one plain line per evaluation instead"
+    )
     train.set_defaults(func=_train)
-    gen = sub.add_parser("generate", help="sample text from a trained run")
+    gen = sub.add_parser(
+        "generate",
+        help="sample text from a trained run",
+        description="Continue a prompt with characters sampled from a run's newest intact checkpoint.",
+    )
     gen.add_argument("--checkpoint", required=True, help="a run folder written by jaxlstm train (its --out)")
-    gen.add_argument("--prompt", default="")
-    gen.add_argument("--length", type=pos_int, default=500)
-    gen.add_argument("--temperature", type=_number(float, positive=True), default=0.8)
-    gen.add_argument("--seed", type=_number(int, minimum=0), default=0)
+    gen.add_argument("--prompt", default="", help="text to continue (default: a newline)")
+    gen.add_argument("--length", type=pos_int, default=500, help="characters to generate per sample (default 500)")
+    gen.add_argument(
+        "--temperature",
+        type=_number(float, minimum=0),
+        default=0.8,
+        help="softmax temperature: lower is more conservative, 0 is greedy (default 0.8)",
+    )
+    gen.add_argument("--greedy", action="store_true", help="always take the most likely character (temperature 0)")
+    gen.add_argument("--top-k", type=pos_int, default=None, help="sample among the k most likely characters only")
+    gen.add_argument(
+        "--top-p",
+        type=_number(float, positive=True, maximum=1.0),
+        default=1.0,
+        help="nucleus sampling: among the most likely characters holding this probability (default 1.0: all)",
+    )
+    gen.add_argument(
+        "--num-samples", type=pos_int, default=1, help="independent samples, drawn in one batch (default 1)"
+    )
+    gen.add_argument("--seed", type=_number(int, minimum=0), default=0, help="random seed of the sampling (default 0)")
     gen.set_defaults(func=_generate)
-    demo = sub.add_parser("demo", help="run one layer on random data and print shapes and timing")
-    demo.add_argument("--batch", type=pos_int, default=8)
-    demo.add_argument("--steps", type=pos_int, default=100)
-    demo.add_argument("--input-size", type=pos_int, default=32)
-    demo.add_argument("--hidden-size", type=pos_int, default=64)
-    demo.add_argument("--seed", type=_number(int, minimum=0), default=0)
+    demo = sub.add_parser(
+        "demo",
+        help="run one layer on random data and print shapes and timing",
+        description="Run one LSTM layer of each cell on random data; print shapes, compile time and run time.",
+    )
+    demo.add_argument("--batch", type=pos_int, default=8, help="sequences per batch (default 8)")
+    demo.add_argument("--steps", type=pos_int, default=100, help="time steps (default 100)")
+    demo.add_argument("--input-size", type=pos_int, default=32, help="input features (default 32)")
+    demo.add_argument("--hidden-size", type=pos_int, default=64, help="hidden size (default 64)")
+    demo.add_argument("--seed", type=_number(int, minimum=0), default=0, help="random seed (default 0)")
     demo.set_defaults(func=_demo)
     return parser
+
+
+def _version() -> str:
+    import jaxlstm
+
+    return jaxlstm.__version__
 
 
 def _raise_interrupt(signum, frame):

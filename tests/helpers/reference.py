@@ -46,26 +46,30 @@ def step(g, c_prev, a_prev, x):
     return c, gamma_o
 
 
-def run_sequence(g, xs, c0, a0, length=None, reverse=False):
-    """One sequence ``xs`` (T, I). Returns (outputs (T, H), c_final, a_final)."""
+def run_sequence(g, xs, c0, a0, length=None, reverse=False, valid=None):
+    """One sequence ``xs`` (T, I). Returns (outputs (T, H), c_final, a_final).
+
+    Only the steps ``t < length`` that ``valid`` (a (T,) boolean list) marks are run,
+    in time order (reversed with ``reverse``); the other steps output zeros.
+    """
     T = xs.shape[0]
     L = T if length is None else int(length)
     H = a0.shape[0]
     out = np.zeros((T, H))
     c, a = c0.copy(), a0.copy()
-    order = range(L - 1, -1, -1) if reverse else range(L)
-    for t in order:
+    steps = [t for t in range(L) if valid is None or valid[t]]
+    for t in reversed(steps) if reverse else steps:
         c, a = step(g, c, a, xs[t])
         out[t] = a
     return out, c, a
 
 
-def run_batch(g, xs, c0, a0, lengths=None, reverse=False):
-    """Batch-major ``xs`` (B, T, I). Returns (outputs (B, T, H), c (B, H), a (B, H))."""
+def run_batch(g, xs, c0, a0, lengths=None, reverse=False, valid=None):
+    """Batch-major ``xs`` (B, T, I), optional ``valid`` (B, T). Returns (outputs (B, T, H), c (B, H), a (B, H))."""
     outs, cs, as_ = [], [], []
     for b in range(xs.shape[0]):
         L = None if lengths is None else lengths[b]
-        o, c, a = run_sequence(g, xs[b], c0[b], a0[b], L, reverse)
+        o, c, a = run_sequence(g, xs[b], c0[b], a0[b], L, reverse, None if valid is None else valid[b])
         outs.append(o)
         cs.append(c)
         as_.append(a)

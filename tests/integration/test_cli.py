@@ -71,6 +71,17 @@ def test_train_resume_generate(tmp_path, text, capsys):
     assert cli("generate", "--checkpoint", str(out), "--prompt", "to be", "--length", "20") == 0
     sample = capsys.readouterr().out
     assert sample.startswith("to be") and len(sample.rstrip("\n")) >= 25
+    # greedy decoding: --greedy, --temperature 0 and --top-k 1 agree, whatever the seed
+    runs = []
+    for extra in (["--greedy"], ["--temperature", "0", "--seed", "3"], ["--top-k", "1", "--seed", "5"]):
+        assert cli("generate", "--checkpoint", str(out), "--prompt", "to", "--length", "15", *extra) == 0
+        runs.append(capsys.readouterr().out)
+    assert runs[0] == runs[1] == runs[2]
+    assert cli("generate", "--checkpoint", str(out), "--length", "10", "--num-samples", "3", "--top-p", "0.9") == 0
+    printed = capsys.readouterr().out
+    assert [line for line in printed.splitlines() if line.startswith("--- sample")] == [
+        f"--- sample {k} of 3 ---" for k in (1, 2, 3)
+    ]
 
 
 def test_input_errors(tmp_path, capsys):
@@ -104,6 +115,9 @@ def test_input_errors(tmp_path, capsys):
         (["train", "--batch-size", "two"], "--batch-size: expected an integer"),
         (["generate", "--checkpoint", "x", "--temperature", "nan"], "--temperature: must be a finite number"),
         (["demo", "--batch", "0"], "--batch: must be positive"),
+        (["generate", "--checkpoint", "x", "--top-p", "1.5"], "--top-p: must be at most 1.0"),
+        (["generate", "--checkpoint", "x", "--top-k", "0"], "--top-k: must be positive"),
+        (["generate", "--checkpoint", "x", "--temperature", "-1"], "--temperature: must be at least 0"),
         (["demo", "--hidden-size", "-3"], "--hidden-size: must be positive"),
         (["train", "--resume", "--overwrite"], "give one of them"),
     ],
@@ -310,3 +324,18 @@ def test_read_only_folder_is_one_line(tmp_path, text, capsys):
         assert "Read-only file system" in msg
     finally:
         subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def test_help_shows_every_option_with_a_line_and_version(capsys):
+    import jaxlstm
+
+    for command in ("train", "generate", "demo"):
+        assert cli(command, "--help") == 0
+        printed = capsys.readouterr().out
+        options = [o for o in re.findall(r"^  (--[a-z-]+)", printed, re.M) if o != "--help"]
+        assert options, printed
+        for option in options:  # every option is followed by its help text on its line or the next
+            block = printed.split(option, 1)[1].split("\n  --", 1)[0]
+            assert len(block.split()) >= 3, (command, option, block)
+    assert cli("--version") == 0
+    assert capsys.readouterr().out.strip() == f"jaxlstm {jaxlstm.__version__}"

@@ -61,7 +61,7 @@ def forward_with_residuals(
         new, out = hold(valid_at(v), LSTMState(cell, hidden), s)
         gates = jnp.concatenate([f1, i, f2, f3], axis=-1)
         res = (gates, new.cell, None if params.w_o is None else u)
-        return new, (out, res)
+        return new, (out.astype(x.dtype), res)
 
     final, (hs, (gates, cells, u)) = jax.lax.scan(body, state, (xs, valid), reverse=reverse, unroll=unroll)
     return hs, final, Residuals(gates, cells, u)
@@ -118,11 +118,12 @@ def backward_scan(
     h = params.hidden_size
     has_output_map = params.w_o is not None
     last = res.cells.shape[0] - 1
+    acc = res.cells.dtype  # the state's dtype: float32 under half precision
     # Transposed once, outside the loop: a per-step ``d @ w.T`` on the CPU is a
     # transposed-operand matmul, measured ~2x slower than ``d @ w_t`` at B=8, H=128
     # (benchmarks/cpu_effects.py).
-    w_h_t = params.w_h.T
-    w_o_t = params.w_o.T if params.w_o is not None else None
+    w_h_t = params.w_h.T.astype(acc)
+    w_o_t = params.w_o.T.astype(acc) if params.w_o is not None else None
 
     def body(carry: tuple, inputs: tuple) -> tuple[tuple, None]:
         dh_next, dc_next, buf, u_buf, gates, u_read = carry
@@ -136,7 +137,7 @@ def backward_scan(
             cp = jnp.where(row == 0, first_cell, res.cells[jnp.maximum(row - 1, 0)])
         f1, i, f2, f3 = (gates[..., k * h : (k + 1) * h] for k in range(4))
         u = u_read if has_output_map else jnp.tanh(res.cells[row])
-        dh = dh_next + dy
+        dh = dh_next + dy.astype(acc)
         d_f3 = dh * u
         dz = dh * f3 * (1 - u * u)
         dc = dc_next + (dz @ w_o_t if has_output_map else dz)
@@ -190,12 +191,14 @@ def _rows(a: Array) -> Array:
 def param_grads(
     params: LSTMParams, xs: Array, h_prev: Array, cells: Array, d_pre: Array, dz: Array | None, mask: Array | None
 ) -> LSTMParams:
-    """Weight gradients as single large matmuls over all ``T * B`` rows."""
+    """Weight gradients as single large matmuls over all ``T * B`` rows, in ``d_pre``'s dtype."""
     dg = _rows(d_pre)
+    acc = dg.dtype
+    h_prev = h_prev.astype(acc)
     if mask is not None:
-        h_prev = h_prev * mask[None]
+        h_prev = h_prev * mask[None].astype(acc)
     dw_h = _rows(h_prev).T @ dg
-    dw_x = _rows(xs).T @ dg
+    dw_x = _rows(xs.astype(acc)).T @ dg
     db = dg.sum(0)
     if params.w_o is None or dz is None:
         return LSTMParams(dw_h, dw_x, db, None, None)
@@ -205,6 +208,11 @@ def param_grads(
 
 def _add_params(a: LSTMParams, b: LSTMParams) -> LSTMParams:
     return jax.tree.map(jnp.add, a, b)
+
+
+def _as_dtypes_of(grads: LSTMParams, params: LSTMParams) -> LSTMParams:
+    """Gradients rounded to their parameters' dtypes (a no-op but under half precision)."""
+    return jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
 
 
 def _no_grad(mask: Array | None) -> Array | None:
@@ -231,10 +239,11 @@ def chunk_backward(
     and ``hs`` its forward residuals and outputs, ``dhs`` the outputs'
     cotangents and ``d_end`` the cotangent of the state after it.
     """
-    h_prev = previous(hs, start.hidden, valid, reverse)
+    h_prev = previous(hs.astype(start.hidden.dtype), start.hidden, valid, reverse)
     d_pre, dz, d_start = backward_scan(params, res, start.cell, dhs, d_end, valid, mask, reverse, unroll)
     grads = param_grads(params, xs, h_prev, res.cells, d_pre, dz, mask)
-    return grads, d_pre @ params.w_x.T, d_start
+    dxs = (d_pre @ params.w_x.T.astype(d_pre.dtype)).astype(xs.dtype)
+    return grads, dxs, d_start
 
 
 # ---------------------------------------------------------------- full residuals
@@ -255,7 +264,7 @@ def _fused_bwd(reverse, unroll, saved, cotangents):  # type: ignore[no-untyped-d
     params, xs, state, valid, mask, hs, res = saved
     dhs, d_final = cotangents
     grads, dxs, d_state = chunk_backward(params, xs, state, res, hs, dhs, d_final, valid, mask, reverse, unroll)
-    return grads, dxs, d_state, None, _no_grad(mask)
+    return _as_dtypes_of(grads, params), dxs, d_state, None, _no_grad(mask)
 
 
 fused.defvjp(_fused_fwd, _fused_bwd)
@@ -294,7 +303,7 @@ def _checkpointed_bwd(reverse, unroll, k, saved, cotangents):  # type: ignore[no
     pad = n * k - T
     if pad:
         dhs = jnp.concatenate([dhs, jnp.zeros((pad,) + dhs.shape[1:], dhs.dtype)], axis=0)
-    zero_grads = jax.tree.map(jnp.zeros_like, params)
+    zero_grads = jax.tree.map(lambda p: jnp.zeros(p.shape, state.cell.dtype), params)  # summed in the state's dtype
 
     def chunk_body(carry: tuple, inputs: tuple) -> tuple[tuple, Array]:
         d_state, grads = carry
@@ -310,7 +319,7 @@ def _checkpointed_bwd(reverse, unroll, k, saved, cotangents):  # type: ignore[no
         reverse=not reverse,
     )
     dxs = dxs.reshape((n * k,) + dxs.shape[2:])[:T]
-    return grads, dxs, d_state, None, _no_grad(mask)
+    return _as_dtypes_of(grads, params), dxs, d_state, None, _no_grad(mask)
 
 
 checkpointed.defvjp(_checkpointed_fwd, _checkpointed_bwd)

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from ._checks import check_features, check_floating, check_params, check_same_dtype, check_state
+from ._precision import matmul, state_dtype
 from ._types import Array, LSTMParams, LSTMState
 
 
@@ -33,19 +34,20 @@ def add_bias(y: Array, b: Array) -> Array:
 
 
 def cell_output(params: LSTMParams, cell: Array) -> Array:
-    """``tanh(c @ w_o + b_o)`` (output-map cell) or ``tanh(c)`` (classic cell)."""
+    """``tanh(c @ w_o + b_o)`` (output-map cell) or ``tanh(c)`` (classic cell), in ``cell``'s dtype."""
     if params.w_o is None or params.b_o is None:
         return jnp.tanh(cell)
-    return jnp.tanh(add_bias(cell @ params.w_o, params.b_o))
+    return jnp.tanh(add_bias(matmul(cell, params.w_o, cell.dtype), params.b_o.astype(cell.dtype)))
 
 
 def pre_activations(params: LSTMParams, hidden_in: Array, x: Array, w_stacked: Array | None = None) -> Array:
-    """``[a, x] @ [w_h; w_x] + b``, ``(..., 4H)``."""
+    """``[a, x] @ [w_h; w_x] + b``, ``(..., 4H)``, accumulated in ``hidden_in``'s (the state's) dtype."""
+    acc = hidden_in.dtype
     if w_stacked is None:
-        y = hidden_in @ params.w_h + x @ params.w_x
+        y = matmul(hidden_in, params.w_h, acc) + matmul(x, params.w_x, acc)
     else:
-        y = jnp.concatenate([hidden_in, x], axis=-1) @ w_stacked
-    return add_bias(y, params.b)
+        y = matmul(jnp.concatenate([hidden_in.astype(x.dtype), x], axis=-1), w_stacked, acc)
+    return add_bias(y, params.b.astype(acc))
 
 
 def update(
@@ -73,10 +75,13 @@ def step(
     recurrent_mask: Array | None = None,
     w_stacked: Array | None = None,
 ) -> tuple[LSTMState, Array]:
-    """The unchecked fused step used inside scans; ``recurrent_mask`` multiplies ``a^{t-1}`` in the gates."""
-    hidden_in = state.hidden if recurrent_mask is None else state.hidden * recurrent_mask
+    """The unchecked fused step used inside scans; ``recurrent_mask`` multiplies ``a^{t-1}`` in the gates.
+
+    Returns the new state (in the state's dtype) and the output (in ``x``'s dtype).
+    """
+    hidden_in = state.hidden if recurrent_mask is None else state.hidden * recurrent_mask.astype(state.hidden.dtype)
     cell, hidden, _, _ = update(params, state.cell, pre_activations(params, hidden_in, x, w_stacked))
-    return LSTMState(cell, hidden), hidden
+    return LSTMState(cell, hidden), hidden.astype(x.dtype)
 
 
 def lstm_step(params: LSTMParams, state: LSTMState, x: Any) -> tuple[LSTMState, Array]:
@@ -108,5 +113,5 @@ def lstm_step(params: LSTMParams, state: LSTMState, x: Any) -> tuple[LSTMState, 
     check_floating(x.dtype, "x")
     check_features(x, params.input_size, "x")
     check_same_dtype(x.dtype, params.dtype, "x")
-    state = check_state(state, x.shape[:-1], params.hidden_size, params.dtype)
+    state = check_state(state, x.shape[:-1], params.hidden_size, state_dtype(params.dtype), params.dtype)
     return step(params, state, x)

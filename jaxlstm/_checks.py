@@ -78,7 +78,7 @@ def check_sequence(xs: Array, input_size: int, time_major: bool) -> None:
     check_features(xs, input_size, "xs")
 
 
-def check_state(state: Any, batch_shape: tuple, hidden_size: int, dtype: Any) -> LSTMState:
+def check_state(state: Any, batch_shape: tuple, hidden_size: int, dtype: Any, params_dtype: Any = None) -> LSTMState:
     if not (isinstance(state, tuple) and len(state) == 2):
         raise TypeError(
             f"state must be a jaxlstm.LSTMState(cell, hidden); received {describe(state)}. "
@@ -93,7 +93,16 @@ def check_state(state: Any, batch_shape: tuple, hidden_size: int, dtype: Any) ->
                 f"hidden_size {hidden_size}). Nothing is broadcast: build it with "
                 f"jaxlstm.zero_state(params, batch_shape={tuple(batch_shape)}) or tile it to the batch."
             )
-        check_same_dtype(s.dtype, dtype, f"state.{name}")
+        if params_dtype is not None and jnp.dtype(dtype) != jnp.dtype(params_dtype):
+            if s.dtype != jnp.dtype(dtype):
+                raise TypeError(
+                    f"state.{name} has dtype {s.dtype}; a layer with {jnp.dtype(params_dtype).name} params keeps "
+                    f"its state in {jnp.dtype(dtype).name} (the cell state and every sum stay in float32 under half "
+                    f"precision). Build it with jaxlstm.zero_state(params, batch_shape) or cast it with "
+                    f".astype(jnp.{jnp.dtype(dtype).name})."
+                )
+        else:
+            check_same_dtype(s.dtype, dtype, f"state.{name}")
     return state
 
 

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from ._cell import step
 from ._checks import check_floating, check_num_layers, describe, positive_int
 from ._init import zero_state
+from ._precision import state_dtype
 from ._stack import lstm_stack, merge_fn
 from ._types import Array, BidirectionalState, LSTMParams, LSTMState
 
@@ -65,7 +66,8 @@ def cell_step(params: LSTMParams, carry: Any, x: Any, dtype: Any, param_dtype: A
     cdt = compute_dtype(x, dtype, param_dtype)
     params = cast_tree(params, cdt)
     cell, hidden = (jnp.asarray(c) for c in carry)
-    new, y = step(params, LSTMState(cell.astype(cdt), hidden.astype(cdt)), x.astype(cdt))
+    sdt = state_dtype(cdt)
+    new, y = step(params, LSTMState(cell.astype(sdt), hidden.astype(sdt)), x.astype(cdt))
     out = (new.cell.astype(cell.dtype), new.hidden.astype(hidden.dtype))
     if hasattr(carry, "_fields"):  # LSTMState or another named pair: rebuilt as such
         return type(carry)._make(out), y  # type: ignore[attr-defined]
@@ -112,7 +114,8 @@ def run(
     if isinstance(initial_state, (LSTMState, BidirectionalState)):  # a one-layer stack's state alone
         initial_state = (initial_state,)
     if initial_state is not None:  # lstm_stack checks there is one per layer
-        initial_state = tuple(None if s is None else cast_tree(s, cdt) for s in initial_state)
+        sdt = state_dtype(cdt)
+        initial_state = tuple(None if s is None else cast_tree(s, sdt) for s in initial_state)
     return lstm_stack(
         layers,
         xs.astype(cdt),

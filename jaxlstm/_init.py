@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from ._checks import check_floating, positive_int
+from ._precision import state_dtype
 from ._types import GATE_ORDER, Array, Initializer, LSTMParams, LSTMState
 
 
@@ -22,7 +23,9 @@ def zero_state(params_or_hidden_size: Any, batch_shape: int | tuple[int, ...] = 
       params_or_hidden_size: an :class:`LSTMParams` (its ``H`` and dtype are
         used) or an int ``H``.
       batch_shape: leading batch dimensions, ``()`` for one unbatched sequence.
-      dtype: defaults to the params' dtype, or float32 when given an int.
+      dtype: defaults to the dtype of the params' state (theirs, or float32
+        for bfloat16 and float16 params: see the mixed-precision policy in
+        the README), or float32 when given an int.
 
     Returns:
       An :class:`LSTMState` whose fields have shape ``(*batch_shape, H)``.
@@ -35,7 +38,7 @@ def zero_state(params_or_hidden_size: Any, batch_shape: int | tuple[int, ...] = 
     """
     if isinstance(params_or_hidden_size, LSTMParams):
         h = params_or_hidden_size.hidden_size
-        dtype = params_or_hidden_size.dtype if dtype is None else dtype
+        dtype = state_dtype(params_or_hidden_size.dtype) if dtype is None else dtype
     else:
         h = positive_int(params_or_hidden_size, "hidden_size")
         dtype = jnp.float32 if dtype is None else dtype

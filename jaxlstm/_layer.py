@@ -32,6 +32,7 @@ from ._checks import (
     sequence_shape,
 )
 from ._init import zero_state
+from ._precision import HALF, state_dtype
 from ._scan import autodiff_checkpointed, plain_forward, step_validity, without_padding
 from ._types import Array, Bptt, LSTMParams, LSTMState
 
@@ -52,7 +53,7 @@ def prepare(
     if state is None:
         state = zero_state(params, batch)
     else:
-        state = check_state(state, batch, params.hidden_size, params.dtype)
+        state = check_state(state, batch, params.hidden_size, state_dtype(params.dtype), params.dtype)
     lengths = None
     if seq_lengths is not None:
         lengths = check_seq_lengths(seq_lengths, batch, num_steps)
@@ -85,9 +86,12 @@ def run_time_major(
     if mask is not None:
         mask = jax.lax.stop_gradient(mask)
     if bptt == "autodiff":
+        compute = None
+        if params.dtype in HALF:  # autodiff sums the weight gradients in the dtype of what it differentiates
+            compute, params = params.dtype, jax.tree.map(lambda a: a.astype(state_dtype(a.dtype)), params)
         if checkpoint_every is None:
-            return plain_forward(params, xs, state, valid, mask, reverse, unroll)
-        return autodiff_checkpointed(params, xs, state, valid, mask, reverse, unroll, checkpoint_every)
+            return plain_forward(params, xs, state, valid, mask, reverse, unroll, compute)
+        return autodiff_checkpointed(params, xs, state, valid, mask, reverse, unroll, checkpoint_every, compute)
     if checkpoint_every is None:
         return fused(params, xs, state, valid, mask, reverse, unroll)
     return checkpointed(params, xs, state, valid, mask, reverse, unroll, checkpoint_every)

@@ -11,6 +11,7 @@ trace time from ``jax.default_backend()``.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -64,7 +65,7 @@ def hold(valid: Array | None, new: LSTMState, old: LSTMState) -> tuple[LSTMState
 
 def masked(hidden: Array, mask: Array | None) -> Array:
     """``hidden * mask`` (the recurrent dropout mask), or ``hidden``."""
-    return hidden if mask is None else hidden * mask
+    return hidden if mask is None else hidden * mask.astype(hidden.dtype)
 
 
 def plain_forward(
@@ -75,14 +76,25 @@ def plain_forward(
     mask: Array | None,
     reverse: bool,
     unroll: int | bool,
+    compute_dtype: Any = None,
 ) -> tuple[Array, LSTMState]:
-    """The forward scan with no residuals: ``(hiddens (T, *B, H), final state)``."""
+    """The forward scan with no residuals: ``(hiddens (T, *B, H), final state)``.
+
+    With ``compute_dtype`` (autodiff under half precision) ``params`` come in
+    float32 and are rounded to it inside the loop, so that autodiff sums the
+    per-step weight gradients in float32.
+    """
     w = stacked_weight(params, xs)
 
     def body(s: LSTMState, inputs: tuple[Array, Array | None]) -> tuple[LSTMState, Array]:
         x, v = inputs
-        new, _ = step(params, s, x, mask, w)
-        return hold(valid_at(v), new, s)
+        p, w_s = params, w
+        if compute_dtype is not None:
+            p = jax.tree.map(lambda a: a.astype(compute_dtype), params)
+            w_s = None if w is None else w.astype(compute_dtype)
+        new, _ = step(p, s, x, mask, w_s)
+        held, out = hold(valid_at(v), new, s)
+        return held, out.astype(x.dtype)
 
     final, hs = jax.lax.scan(body, state, (xs, valid), reverse=reverse, unroll=unroll)
     return hs, final
@@ -126,6 +138,7 @@ def autodiff_checkpointed(
     reverse: bool,
     unroll: int | bool,
     k: int,
+    compute_dtype: Any = None,
 ) -> tuple[Array, LSTMState]:
     """Autodiff path with ``jax.checkpoint`` around each chunk of ``k`` steps."""
     xs_p, valid_p, n, T = pad_time(xs, valid, k)
@@ -133,7 +146,7 @@ def autodiff_checkpointed(
     @jax.checkpoint
     def chunk_body(s: LSTMState, inputs: tuple[Array, Array | None]) -> tuple[LSTMState, Array]:
         x, v = inputs
-        hs, new = plain_forward(params, x, s, v, mask, reverse, unroll)
+        hs, new = plain_forward(params, x, s, v, mask, reverse, unroll, compute_dtype)
         return new, hs
 
     chunks = (chunk(xs_p, n, k), None if valid_p is None else chunk(valid_p, n, k))

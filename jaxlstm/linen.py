@@ -369,6 +369,10 @@ class SequenceClassifier(nn.Module):
 class CharLM(nn.Module):
     """``Embed -> LSTM -> Dense``: a character (token) language model.
 
+    ``dropout_rate`` applies between stacked layers and to the last layer's
+    outputs before ``Dense`` (the non-recurrent connections, as in Zaremba et
+    al., 2014); ``recurrent_dropout_rate`` inside the recurrence.
+
     Call: ``apply(variables, tokens, initial_state=None, deterministic=None,
     return_state=False)`` with integer ``tokens`` ``(B, T)``; returns next-token
     logits ``(B, T, vocab_size)`` (and the final states, to continue a stream
@@ -407,5 +411,7 @@ class CharLM(nn.Module):
             bptt=self.bptt,
             backward=self.backward,
         )(x, initial_state, deterministic=deterministic, return_state=True)
+        if self.dropout_rate > 0.0:
+            ys = nn.Dropout(self.dropout_rate)(ys, deterministic=deterministic)
         logits = nn.Dense(self.vocab_size)(ys)
         return (logits, states) if return_state else logits

@@ -376,6 +376,9 @@ class SequenceClassifier(nnx.Module):
 class CharLM(nnx.Module):
     """``Embed -> LSTM -> Linear``: a character (token) language model.
 
+    ``dropout_rate`` applies between stacked layers and to the last layer's
+    outputs before ``Linear``; ``recurrent_dropout_rate`` inside the recurrence.
+
     Call: ``model(tokens, initial_state=None, deterministic=None,
     return_state=False)``; returns next-token logits ``(B, T, vocab_size)``
     (and the final states).
@@ -416,8 +419,11 @@ class CharLM(nnx.Module):
             rngs=rngs,
         )
         self.head = nnx.Linear(hidden_size, vocab_size, rngs=rngs)
+        self.drop = nnx.Dropout(dropout_rate, rngs=rngs) if dropout_rate > 0.0 else nnx.data(None)
 
     def __call__(self, tokens, initial_state=None, deterministic: bool | None = None, return_state: bool = False):
         ys, states = self.lstm(self.embed(tokens), initial_state, deterministic=deterministic, return_state=True)
+        if self.drop is not None:
+            ys = self.drop(ys, deterministic=deterministic)
         logits = self.head(ys)
         return (logits, states) if return_state else logits

@@ -59,6 +59,10 @@ __all__ = [
     "from_snapshot",
     "read_metrics",
     "write_text_atomic",
+    "json_line",
+    "batches_from",
+    "nnx_train_state",
+    "nnx_update",
     "sequence_mask",
     "sequence_cross_entropy",
     "masked_mse",
@@ -140,6 +144,49 @@ def make_train_step(loss_fn: LossFn, *, donate: bool = True) -> Callable:
     return jax.jit(step, donate_argnums=(0,) if donate else ())
 
 
+def nnx_train_state(model: Any, tx: optax.GradientTransformation) -> TrainState:
+    """A :class:`TrainState` for a Flax NNX model, so that :func:`make_train_step` and :func:`fit` train it.
+
+    The model's ``nnx.Param`` values become ``state.params`` (a plain nested
+    dict, which checkpoints like a linen model's); ``state.apply_fn(params,
+    *args, **kwargs)`` calls the model with those values. Everything else in
+    the model (RNG streams, batch statistics) is held fixed: for dropout, pass
+    ``rngs=nnx.Rngs(dropout=rng)`` in the call, with the ``rng`` that
+    ``loss_fn`` receives for its step. :func:`nnx_update` writes trained
+    params back into the model.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> from flax import nnx
+      >>> from jaxlstm.nnx import LSTM
+      >>> from jaxlstm.training import nnx_train_state
+      >>> model = LSTM(3, 4, rngs=nnx.Rngs(0))
+      >>> state = nnx_train_state(model, optax.adam(1e-3))
+      >>> state.apply_fn(state.params, jnp.ones((2, 5, 3))).shape
+      (2, 5, 4)
+    """
+    from flax import nnx
+
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)  # type: ignore[misc]
+
+    def apply_fn(values: Any, *args: Any, **kwargs: Any) -> Any:
+        current = jax.tree.map(lambda v: v, params)  # a fresh State of the same structure
+        nnx.replace_by_pure_dict(current, values)
+        return nnx.merge(graphdef, current, rest)(*args, **kwargs)
+
+    return TrainState.create(apply_fn=apply_fn, params=nnx.to_pure_dict(params), tx=tx)
+
+
+def nnx_update(model: Any, state: TrainState) -> Any:
+    """Write ``state.params`` (from :func:`nnx_train_state`, trained) into ``model``; returns ``model``."""
+    from flax import nnx
+
+    current = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(current, dict(state.params))
+    nnx.update(model, current)
+    return model
+
+
 def _tree_finite(tree) -> jax.Array:
     leaves = [
         jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(a), jnp.inexact)
@@ -192,14 +239,16 @@ class CheckpointError(Exception):
     """No checkpoint could be restored: none is there, none is intact, or they fit another model."""
 
 
-def _digest(tree) -> str:
-    """SHA-256 over every leaf's shape and values, in tree order: detects any corruption of the data.
+def _digest(tree, extra: Any = None) -> str:
+    """SHA-256 over every leaf's shape and values, in tree order (and ``extra``): detects any corruption.
 
     Values are widened first (floats to float64, integers to int64), exactly, so
     that a checkpoint restored into a wider dtype than it was saved in still
     matches its digest.
     """
     h = hashlib.sha256()
+    if extra is not None:
+        h.update(json.dumps(extra, sort_keys=True).encode())
     for leaf in jax.tree.leaves(tree):
         a = np.asarray(leaf)
         if np.issubdtype(a.dtype, np.floating) or a.dtype.name == "bfloat16":
@@ -249,6 +298,7 @@ class Checkpointer:
         self.keep = keep
         self.read_only = read_only
         self.skipped: list[int] = []  # the damaged checkpoints the last restore() passed over
+        self.extra: Any = None  # the ``extra`` saved with the checkpoint the last restore() returned
         self._open()
 
     def _open(self) -> None:
@@ -264,8 +314,11 @@ class Checkpointer:
         handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
-    def save(self, step: int, tree, *, force: bool = False) -> bool:
-        """Save ``tree`` as step ``step`` if it is due (or ``force``); returns whether it saved."""
+    def save(self, step: int, tree, *, force: bool = False, extra: Any = None) -> bool:
+        """Save ``tree`` as step ``step`` if it is due (or ``force``); returns whether it saved.
+
+        ``extra``: JSON-serialisable values saved with it (and covered by its checksum).
+        """
         if not force and (not self.save_every or step % self.save_every):
             return False
         if step in self._manager.all_steps():
@@ -274,7 +327,7 @@ class Checkpointer:
             raise ValueError(f"refusing to save step {step}: it holds NaN or infinite values.")
         args = self._ocp.args.Composite(
             state=self._ocp.args.StandardSave(tree),
-            meta=self._ocp.args.JsonSave({"step": int(step), "sha256": _digest(tree)}),
+            meta=self._ocp.args.JsonSave({"step": int(step), "sha256": _digest(tree, extra), "extra": extra}),
         )
         saved = self._manager.save(step, args=args, force=True)
         self._manager.wait_until_finished()
@@ -316,10 +369,11 @@ class Checkpointer:
         except Exception as e:
             raise _Corrupt(f"its data cannot be read ({_first_line(e, 80)})") from None
         tree, meta = restored["state"], restored["meta"]
-        if not isinstance(meta, Mapping) or meta.get("sha256") != _digest(tree):
+        if not isinstance(meta, Mapping) or meta.get("sha256") != _digest(tree, meta.get("extra")):
             raise _Corrupt("its data does not match the checksum written with it")
         if not _all_finite(tree):
             raise _Corrupt("it holds NaN or infinite values")
+        self.extra = meta.get("extra")
         return tree
 
     def restore(self, step: int | None, template, *, on_fallback: Callable[[str], None] | None = None):
@@ -452,6 +506,8 @@ class FitResult(NamedTuple):
     carry: Any
     history: list  # dicts: {"step", "loss", ...} and {"step", "eval_...": ...}
     interrupted: bool
+    early_stopped: bool = False  # ``patience`` evaluations passed without a better ``best_metric``
+    best: dict | None = None  # {"step", "value"} of the best evaluation so far (with ``best_metric``)
 
 
 def snapshot(state: TrainState, rng, carry) -> dict:
@@ -483,6 +539,50 @@ def _scalars(metrics: dict) -> dict:
     return {k: float(v) for k, v in metrics.items()}
 
 
+def json_line(entry: dict) -> str:
+    """One JSON line that strict parsers accept: NaN and infinities are written as ``null``."""
+    clean = {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in entry.items()}
+    return json.dumps(clean, allow_nan=False)
+
+
+def batches_from(source: Any, *, shuffle: bool = False, seed: int = 0) -> Callable[[int], Any]:
+    """``batch_fn(step)`` over a random-access source of batches (``len(source)``, ``source[i]``).
+
+    Step ``s`` reads item ``s mod len(source)``: one pass over the source per
+    epoch, in order, or with ``shuffle`` in an order drawn from ``(seed,
+    epoch)``, so the batch of a step never depends on what ran before it and a
+    resumed run reads exactly the batches it would have read. Each item is one
+    batch: e.g. a ``grain.MapDataset`` after ``.batch(...)``, or a list of arrays.
+
+    Example:
+      >>> import numpy as np
+      >>> from jaxlstm.training import batches_from
+      >>> batch_fn = batches_from([np.zeros(2), np.ones(2), np.full(2, 2.0)], shuffle=True, seed=1)
+      >>> sorted(float(batch_fn(s)[0]) for s in range(3))  # each epoch reads every item once
+      [0.0, 1.0, 2.0]
+    """
+    if not (hasattr(source, "__len__") and hasattr(source, "__getitem__")):
+        raise TypeError(
+            f"a data source needs __len__ and __getitem__ (a list, an array, a grain MapDataset); received "
+            f"a {type(source).__name__}. Pass a function batch_fn(step) -> batch otherwise."
+        )
+    n = len(source)
+    if n == 0:
+        raise ValueError("the data source is empty: it has no batch for step 0.")
+    orders: dict[int, np.ndarray] = {}
+
+    def batch_fn(step: int) -> Any:
+        epoch, i = divmod(int(step), n)
+        if not shuffle:
+            return source[i]
+        if epoch not in orders:
+            orders.clear()  # one epoch at a time
+            orders[epoch] = np.random.default_rng([seed, epoch]).permutation(n)
+        return source[int(orders[epoch][i])]
+
+    return batch_fn
+
+
 def read_metrics(path, upto: int | None = None) -> list:
     """The rows of a JSON-lines metrics file (with ``step <= upto``); a damaged (e.g. half-written) line is dropped."""
     path = pathlib.Path(path)
@@ -511,7 +611,7 @@ def write_text_atomic(path: pathlib.Path, text: str) -> None:
 def fit(
     state: TrainState,
     train_step: Callable,
-    batch_fn: Callable[[int], Any],
+    batch_fn: Callable[[int], Any] | Any,
     *,
     num_steps: int,
     rng: jax.Array,
@@ -529,13 +629,21 @@ def fit(
     on_eval: Callable[[int, dict], None] | None = None,
     log: Callable[[str], None] | None = None,
     handle_signals: bool = True,
+    on_record: Callable[[dict], None] | None = None,
+    tensorboard_dir=None,
+    best_metric: str = "eval_loss",
+    best_dir=None,
+    patience: int | None = None,
+    progress_metric: str = "loss",
 ) -> FitResult:
     """Train for ``num_steps`` steps (in total, counting steps of a resumed run).
 
     Args:
       state: a :class:`TrainState` (``TrainState.create(apply_fn=..., params=..., tx=...)``).
       train_step: from :func:`make_train_step`.
-      batch_fn: ``batch_fn(step) -> batch``, deterministic in ``step``.
+      batch_fn: ``batch_fn(step) -> batch``, deterministic in ``step``; or a
+        random-access source of batches (``len`` and indexing, e.g. a grain
+        ``MapDataset``), read in order through :func:`batches_from`.
       num_steps: the step to stop at.
       rng: base PRNG key; step ``s`` uses ``jax.random.fold_in(rng, s)``.
       carry: initial recurrent state for truncated BPTT (``None``: stateless).
@@ -548,11 +656,16 @@ def fit(
         if any (a damaged newer one is reported through ``log`` and moved to
         ``<checkpoint_dir>.damaged/``).
       metrics_path: JSON-lines file, appended with a record every ``log_every``
-        steps and at each evaluation. On resume, rows past the restored step
-        are removed first, and an evaluation due at that step that a stop
-        interrupted is run again, so the file equals an uninterrupted run's
-        (up to the ``time_s`` column).
-      progress: show a tqdm progress bar with the live loss.
+        steps and at each evaluation. A training record holds the mean of
+        each metric over the steps since the previous record (the logging
+        window), not the last batch's. Non-finite values are written as
+        ``null``. On resume, rows past the restored step are removed first,
+        and an evaluation due at that step that a stop interrupted is run
+        again; the partial logging window is saved with each checkpoint. So
+        the file equals an uninterrupted run's (up to the ``time_s`` column).
+      progress: show a tqdm progress bar with the mean of ``progress_metric``
+        over the current logging window. Notes and the callbacks' output are
+        written above the bar, never through it.
       mesh: a mesh with a ``"data"`` axis: batches are sharded over it and the
         state replicated (data-parallel training).
       on_eval: called as ``on_eval(step, eval_metrics)`` after each evaluation.
@@ -560,9 +673,22 @@ def fit(
       handle_signals: in the main thread, SIGINT (Ctrl-C) and SIGTERM stop
         training after the step in flight, which is saved (see
         :class:`StopRequest`); ``FitResult.interrupted`` is then true.
+      on_record: called with each record (dict) as it is written, training
+        and evaluation alike.
+      tensorboard_dir: also write every record's scalars there as TensorBoard
+        events (through ``tensorboardX``, in the ``train`` extra); a resumed
+        run discards the events of the steps it repeats.
+      best_metric: the evaluation value (lower is better) that ``best_dir``
+        and ``patience`` follow.
+      best_dir: keep the state of the best evaluation so far as a checkpoint
+        there (one, replaced when beaten), beside the latest ones.
+      patience: stop after this many evaluations in a row without a better
+        ``best_metric`` (early stopping); ``FitResult.early_stopped`` is then
+        true. The state at the stop is saved as usual; the best one is in
+        ``best_dir``.
 
     Returns:
-      :class:`FitResult` ``(state, carry, history, interrupted)``.
+      :class:`FitResult` ``(state, carry, history, interrupted, early_stopped, best)``.
 
     Raises:
       NonFiniteLossError: an update was not finite (loss, gradient norm,
@@ -574,22 +700,44 @@ def fit(
     """
     from tqdm.auto import tqdm
 
+    if not callable(batch_fn):
+        batch_fn = batches_from(batch_fn)
+    if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 1):
+        raise ValueError(f"patience must be a positive int (evaluations without improvement); received {patience!r}.")
+    if (patience is not None or best_dir is not None) and eval_fn is None:
+        raise ValueError("patience and best_dir follow an evaluation: give eval_fn (and eval_every) too.")
     bar = tqdm(total=num_steps, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
-    note = log if log is not None else bar.write
+
+    def outside_bar(fn: Callable | None) -> Callable | None:
+        """``fn`` with the bar cleared while it writes (a no-op wrapper without a bar)."""
+        if fn is None or not progress:
+            return fn
+
+        def wrapped(*args: Any) -> Any:
+            with tqdm.external_write_mode():
+                return fn(*args)
+
+        return wrapped
+
+    note: Callable[[str], Any] = bar.write if log is None else outside_bar(log)  # type: ignore[assignment]
+    on_eval, on_record = outside_bar(on_eval), outside_bar(on_record)
     outer = StopRequest.current()
     stop = outer if outer is not None else StopRequest(note)
     history: list = []
     metrics_file = None
-    ckpt = None
-    interrupted = False
+    board = None
+    ckpt = best_ckpt = None
+    interrupted = early_stopped = False
     step = start = int(state.step)
     saving = False
+    window: dict = {"count": 0, "sums": {}}  # the metrics summed since the last training record
+    best: dict = {"value": None, "step": None, "since": 0}  # the best evaluation, evaluations since it
 
     def save(at: int, force: bool) -> None:
         nonlocal saving
         assert ckpt is not None
         saving = True
-        ckpt.save(at, snapshot(state, rng, carry), force=force)
+        ckpt.save(at, snapshot(state, rng, carry), force=force, extra={"window": window, "best": best})
         saving = False
 
     try:
@@ -603,6 +751,11 @@ def fit(
                         ckpt.set_aside(ckpt.skipped, aside)
                         note(f"resuming from checkpoint {restored_step}; the damaged ones were moved to {aside}")
                     state, rng, carry = from_snapshot(state, snap, carry)
+                    extra = ckpt.extra if isinstance(ckpt.extra, Mapping) else {}
+                    window = extra.get("window") or window
+                    best = extra.get("best") or best
+            if best_dir is not None:
+                best_ckpt = Checkpointer(best_dir, keep=1)
             step = start = int(state.step)
             bar.reset(total=num_steps)
             bar.update(start)
@@ -615,23 +768,50 @@ def fit(
                 metrics_path = pathlib.Path(metrics_path)
                 metrics_path.parent.mkdir(parents=True, exist_ok=True)
                 rows = read_metrics(metrics_path, start)
-                write_text_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+                write_text_atomic(metrics_path, "".join(json_line(r) + "\n" for r in rows))
                 evaluated = {r["step"] for r in rows if any(k.startswith("eval_") for k in r)}
                 metrics_file = open(metrics_path, "a", encoding="utf-8")
+            if tensorboard_dir is not None:
+                from tensorboardX import SummaryWriter
+
+                board = SummaryWriter(str(tensorboard_dir), purge_step=start + 1 if start else None)
 
             def record(entry: dict) -> None:
                 history.append(entry)
                 if metrics_file is not None:
-                    metrics_file.write(json.dumps(entry) + "\n")
+                    metrics_file.write(json_line(entry) + "\n")
                     metrics_file.flush()
+                if board is not None:
+                    for k, v in entry.items():
+                        if k not in ("step", "time_s") and isinstance(v, (int, float)):
+                            board.add_scalar(k, v, entry["step"])
+                    board.flush()
+                if on_record is not None:
+                    on_record(entry)
 
             def evaluate(at: int) -> None:
+                nonlocal early_stopped
                 assert eval_fn is not None
                 ev = {f"eval_{k}": float(v) for k, v in eval_fn(state).items()}
                 record(dict(step=at, **ev))
                 evaluated.add(at)
                 if on_eval is not None:
                     on_eval(at, ev)
+                value = ev.get(best_metric)
+                if value is None or (best_dir is None and patience is None):
+                    return
+                if best["value"] is None or value < best["value"]:
+                    best.update(value=value, step=at, since=0)
+                    if best_ckpt is not None:  # keep=1: the earlier best goes once this one is complete
+                        best_ckpt.save(at, snapshot(state, rng, carry), force=True)
+                else:
+                    best["since"] += 1
+                    if patience is not None and best["since"] >= patience and at < num_steps:
+                        early_stopped = True
+                        note(
+                            f"early stop at step {at}: {best_metric} has not improved on {best['value']:.4f} "
+                            f"(step {best['step']}) for {patience} evaluations"
+                        )
 
             def eval_due(at: int) -> bool:
                 return (
@@ -644,7 +824,7 @@ def fit(
             if start > 0 and start < num_steps and eval_due(start) and stop.signal is None:
                 evaluate(start)
             t0 = time.perf_counter()
-            while step < num_steps and stop.signal is None:
+            while step < num_steps and stop.signal is None and not early_stopped:
                 batch = batch_fn(step)
                 if mesh is not None:
                     batch = _shard_batch(batch, mesh)
@@ -660,10 +840,19 @@ def fit(
                         "(a resumed run would meet the same batch again)."
                     )
                 step += 1
+                values = _scalars(metrics)
+                window = {
+                    "count": window["count"] + 1,
+                    "sums": {k: window["sums"].get(k, 0.0) + v for k, v in values.items()},
+                }
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}")
+                if progress_metric in window["sums"]:
+                    bar.set_postfix({progress_metric: f"{window['sums'][progress_metric] / window['count']:.4f}"})
                 if step % log_every == 0 or step == num_steps:
-                    record(dict(step=step, time_s=time.perf_counter() - t0, **_scalars(metrics)))
+                    n = window["count"]
+                    means = {k: v / n for k, v in window["sums"].items()}
+                    window = {"count": 0, "sums": {}}
+                    record(dict(step=step, time_s=time.perf_counter() - t0, **means))
                 if ckpt is not None:
                     save(step, force=False)
                 if step < num_steps and eval_due(step):
@@ -673,7 +862,7 @@ def fit(
                 note(f"stopped at step {step} by {signal.Signals(stop.signal).name}")
             if ckpt is not None and step > start:
                 save(step, force=True)
-            if not interrupted and eval_due(step):
+            if not interrupted and not early_stopped and eval_due(step):
                 evaluate(step)
     except KeyboardInterrupt:
         # a Ctrl-C raised as an exception (a second signal, or raised by user code)
@@ -693,8 +882,12 @@ def fit(
         raise
     finally:
         bar.close()
-        if ckpt is not None:
-            ckpt.close()
+        for c in (ckpt, best_ckpt):
+            if c is not None:
+                c.close()
         if metrics_file is not None:
             metrics_file.close()
-    return FitResult(state, carry, history, interrupted)
+        if board is not None:
+            board.close()
+    summary = None if best["value"] is None else {"step": best["step"], "value": best["value"]}
+    return FitResult(state, carry, history, interrupted, early_stopped, summary)

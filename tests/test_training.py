@@ -412,3 +412,197 @@ def test_a_signal_stops_after_the_step_in_flight_which_is_saved(tmp_path):
         assert signal.getsignal(signal.SIGTERM) is before  # handlers restored
         resumed = run_fit(out, 12)
         assert_same_params(resumed.state.params, straight.state.params)
+
+
+# ------------------------------------------------------------------ logging, data sources, NNX, best and patience
+
+
+def quick_fit(num_steps, batch_fn=stream_batch_fn, **kw):
+    kw.setdefault("log_every", 1)
+    return training.fit(
+        new_state(),
+        training.make_train_step(stream_loss),
+        batch_fn,
+        num_steps=num_steps,
+        rng=jax.random.key(7),
+        carry=zero_carry(),
+        progress=False,
+        **kw,
+    )
+
+
+def test_training_records_are_window_means_and_reach_on_record():
+    per_step = [h["loss"] for h in quick_fit(10).history]
+    seen = []
+    res = quick_fit(10, log_every=4, on_record=seen.append)
+    rows = res.history
+    assert [r["step"] for r in rows] == [4, 8, 10]
+    expected = [np.mean(per_step[0:4]), np.mean(per_step[4:8]), np.mean(per_step[8:10])]
+    np.testing.assert_allclose([r["loss"] for r in rows], expected, rtol=1e-12)
+    assert seen == rows  # the callback sees every record as written
+
+
+def test_metrics_lines_are_strict_json():
+    line = training.json_line({"step": 3, "loss": float("nan"), "grad_norm": float("inf"), "lr": 0.5})
+
+    def refuse(name):
+        raise ValueError(f"bare {name} in a JSON line")
+
+    assert json.loads(line, parse_constant=refuse) == {"step": 3, "loss": None, "grad_norm": None, "lr": 0.5}
+
+
+def test_batches_from_reads_each_item_once_per_epoch_and_is_deterministic():
+    items = [np.full(2, k, np.float32) for k in range(5)]
+    for shuffle in (False, True):
+        fn = training.batches_from(items, shuffle=shuffle, seed=3)
+        order = [int(fn(s)[0]) for s in range(15)]
+        for e in range(3):
+            assert sorted(order[5 * e : 5 * e + 5]) == list(range(5))
+        again = training.batches_from(items, shuffle=shuffle, seed=3)
+        assert [int(again(s)[0]) for s in (12, 3, 7)] == [order[12], order[3], order[7]]  # any order of calls
+    shuffled = training.batches_from(items, shuffle=True, seed=3)
+    assert [int(shuffled(s)[0]) for s in range(5)] != [int(shuffled(s)[0]) for s in range(5, 10)]
+    with pytest.raises(TypeError, match="needs __len__ and __getitem__"):
+        training.batches_from(iter(items))
+    with pytest.raises(ValueError, match="empty"):
+        training.batches_from([])
+
+
+def test_fit_reads_a_grain_map_dataset_as_batch_fn_would():
+    import grain  # in the test extra
+
+    batches = [np.asarray(stream_batch_fn(s)) for s in range(4)]
+    source = grain.MapDataset.source(batches)
+    by_source = quick_fit(6, batch_fn=source)
+    by_fn = quick_fit(6, batch_fn=lambda s: jnp.asarray(batches[s % 4]))
+    assert [h["loss"] for h in by_source.history] == [h["loss"] for h in by_fn.history]
+
+
+def nnx_problem(lr=1e-2):
+    from flax import nnx
+
+    import jaxlstm.nnx as jn
+
+    class Model(nnx.Module):
+        def __init__(self, rngs):
+            self.lstm = jn.LSTM(1, 8, recurrent_dropout_rate=0.2, rngs=rngs)
+            self.head = nnx.Linear(8, 1, rngs=rngs)
+
+        def __call__(self, xs, rng):
+            return self.head(self.lstm(xs, rngs=nnx.Rngs(dropout=rng)))
+
+    model = Model(nnx.Rngs(0))
+    state = training.nnx_train_state(model, training.default_optimizer(lr, total_steps=30))
+
+    def loss(params, st, batch, rng, carry):
+        preds = st.apply_fn(params, batch[:, :-1], rng)
+        return training.masked_mse(preds, batch[:, 1:]), ({}, None)
+
+    return model, state, training.make_train_step(loss)
+
+
+def test_fit_trains_an_nnx_model():
+    model, state, step = nnx_problem()
+    before = float(stream_loss_nnx(model))
+    res = training.fit(state, step, stream_batch_fn, num_steps=30, rng=jax.random.key(7), progress=False, log_every=1)
+    losses = [h["loss"] for h in res.history]
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
+    training.nnx_update(model, res.state)
+    assert float(stream_loss_nnx(model)) < 0.5 * before
+    # the NaN guard works on it too
+    _, state, step = nnx_problem(lr=float("nan"))
+    with pytest.raises(training.NonFiniteLossError, match="update 1 \\(from batch 0\\)"):
+        training.fit(state, step, stream_batch_fn, num_steps=3, rng=jax.random.key(7), progress=False)
+
+
+def stream_loss_nnx(model):
+    batch = stream_batch_fn(100)
+    model.eval()
+    out = training.masked_mse(model.head(model.lstm(batch[:, :-1])), batch[:, 1:])
+    model.train()
+    return out
+
+
+@pytest.mark.slow  # real orbax checkpoints
+def test_nnx_fit_resumes_bit_exact(tmp_path):
+    def run(where, num_steps, interrupt_at=None):
+        _, state, step = nnx_problem()
+
+        def batches(s):
+            if s == interrupt_at:
+                raise KeyboardInterrupt
+            return stream_batch_fn(s)
+
+        return training.fit(
+            state,
+            step,
+            batches,
+            num_steps=num_steps,
+            rng=jax.random.key(7),
+            checkpoint_dir=where,
+            save_every=4,
+            progress=False,
+            log_every=3,
+            metrics_path=where.with_suffix(".jsonl"),
+        )
+
+    straight = run(tmp_path / "a", 12)
+    first = run(tmp_path / "b", 12, interrupt_at=7)
+    assert first.interrupted
+    resumed = run(tmp_path / "b", 12)
+    assert_same_params(resumed.state.params, straight.state.params)
+    assert_same_params(resumed.state.opt_state, straight.state.opt_state)
+    # the logging window cut by the stop (steps 7-9) was carried in the checkpoint: the records match
+    rows = lambda p: [{k: v for k, v in r.items() if k != "time_s"} for r in training.read_metrics(p)]
+    assert rows(tmp_path / "b.jsonl") == rows(tmp_path / "a.jsonl")
+
+
+def scripted_eval(values):
+    calls = iter(values)
+    return lambda state: {"loss": next(calls)}
+
+
+@pytest.mark.slow  # real orbax checkpoints
+def test_best_checkpoint_and_early_stopping(tmp_path):
+    res = quick_fit(
+        30,
+        eval_fn=scripted_eval([3.0, 2.0, 2.5, 2.6, 2.7, 1.0]),
+        eval_every=2,
+        patience=3,
+        best_dir=tmp_path / "best",
+        checkpoint_dir=tmp_path / "ck",
+        save_every=100,
+    )
+    assert res.early_stopped and not res.interrupted
+    assert int(res.state.step) == 10  # evaluations at 2, 4 (best), 6, 8, 10: three without improvement
+    assert res.best == {"step": 4, "value": 2.0}
+    best = training.Checkpointer(tmp_path / "best", read_only=True)
+    assert best.all_steps() == [4]
+    _, snap = best.restore(None, training.snapshot(new_state(), jax.random.key(7), zero_carry()))
+    assert int(snap["step"]) == 4
+    # the run's own checkpoint is the state at the stop
+    assert training.Checkpointer(tmp_path / "ck", read_only=True).all_steps() == [10]
+    with pytest.raises(ValueError, match="patience must be a positive int"):
+        quick_fit(2, eval_fn=scripted_eval([1.0]), patience=0)
+    with pytest.raises(ValueError, match="give eval_fn"):
+        quick_fit(2, patience=2)
+
+
+def test_tensorboard_events_hold_every_record(tmp_path):
+    from tensorboardX.proto import event_pb2  # tensorboardX is in the train extra
+
+    res = quick_fit(6, log_every=2, eval_fn=lambda s: {"loss": 0.25}, eval_every=3, tensorboard_dir=tmp_path / "tb")
+    seen = {}
+    for f in (tmp_path / "tb").iterdir():
+        data = f.read_bytes()
+        pos = 0
+        while pos < len(data):  # TFRecord: length (8 bytes), its CRC (4), the record, its CRC (4)
+            n = int.from_bytes(data[pos : pos + 8], "little")
+            event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + n])
+            pos += 16 + n
+            for v in event.summary.value:
+                seen[(v.tag, event.step)] = v.simple_value
+    expected = {(k, r["step"]): v for r in res.history for k, v in r.items() if k not in ("step", "time_s")}
+    assert set(seen) == set(expected)
+    for key, v in expected.items():
+        assert seen[key] == pytest.approx(v, rel=1e-6)

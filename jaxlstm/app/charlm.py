@@ -38,10 +38,27 @@ from ..linen import CharLM
 DEFAULT_CORPUS = "shakespeare.txt.gz"
 VALID_FRACTION = 0.05
 FORMAT = "jaxlstm-charlm"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Fields added in format version 2, with the values that reproduce a version-1 run.
+_ADDED_IN_2 = {
+    "dropout_rate": 0.0,
+    "recurrent_dropout_rate": 0.0,
+    "weight_decay": 0.0,
+    "warmup_steps": None,
+    "log_every": 10,
+    "patience": 0,
+}
 LOCK_NAME = ".jaxlstm.lock"
 #: Everything a run writes in its folder; ``--overwrite`` removes these and nothing else.
-RUN_FILES = ("config.json", "checkpoints", "checkpoints.damaged", "metrics.jsonl", "loss.png", "sample.txt")
+RUN_FILES = (
+    "config.json",
+    "checkpoints",
+    "checkpoints.damaged",
+    "best",
+    "metrics.jsonl",
+    "loss.png",
+    "sample.txt",
+)
 
 
 class RunError(Exception):
@@ -75,6 +92,12 @@ class Config:
     text_sha256: str = ""
     vocab: str = ""
     schedule_steps: int = 0  # the steps the learning-rate schedule was built for (0: ``steps``)
+    dropout_rate: float = 0.0
+    recurrent_dropout_rate: float = 0.0
+    weight_decay: float = 0.0
+    warmup_steps: int | None = None  # None: 5% of the schedule
+    log_every: int = 100
+    patience: int = 0  # evaluations without a better held-out figure before stopping (0: never)
 
 
 #: Fields that define the trained function and its data; ``--resume`` refuses to change them.
@@ -87,6 +110,10 @@ IDENTITY = (
     "learning_rate",
     "seed",
     "output_transform",
+    "dropout_rate",
+    "recurrent_dropout_rate",
+    "weight_decay",
+    "warmup_steps",
 )
 #: Command-line names of the fields, for messages.
 FLAGS = {
@@ -102,6 +129,12 @@ FLAGS = {
     "save_every": "--save-every",
     "output_transform": "--classic",
     "text": "--text",
+    "dropout_rate": "--dropout",
+    "recurrent_dropout_rate": "--recurrent-dropout",
+    "weight_decay": "--weight-decay",
+    "warmup_steps": "--warmup",
+    "log_every": "--log-every",
+    "patience": "--patience",
 }
 _POSITIVE_INTS = (
     "embed_dim",
@@ -112,6 +145,7 @@ _POSITIVE_INTS = (
     "steps",
     "eval_every",
     "save_every",
+    "log_every",
 )
 
 
@@ -134,8 +168,20 @@ def check_config(cfg: Config, source: str) -> Config:
     for name in ("text_sha256", "vocab"):
         if not isinstance(getattr(cfg, name), str):
             problems.append(f"{name} must be a string")
-    if isinstance(cfg.schedule_steps, bool) or not isinstance(cfg.schedule_steps, int) or cfg.schedule_steps < 0:
-        problems.append(f"schedule_steps must be a non-negative integer, not {cfg.schedule_steps!r}")
+    for name in ("schedule_steps", "patience"):
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            problems.append(f"{name} must be a non-negative integer, not {v!r}")
+    w = cfg.warmup_steps
+    if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 0):
+        problems.append(f"warmup_steps must be a non-negative integer or null, not {w!r}")
+    for name in ("dropout_rate", "recurrent_dropout_rate"):
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
+            problems.append(f"{name} must lie in [0, 1), not {v!r}")
+    wd = cfg.weight_decay
+    if isinstance(wd, bool) or not isinstance(wd, (int, float)) or not math.isfinite(wd) or wd < 0:
+        problems.append(f"weight_decay must be a finite number >= 0, not {wd!r}")
     if problems:
         raise RunError(f"{source}: " + "; ".join(problems) + ".")
     return cfg
@@ -235,13 +281,16 @@ def build(cfg: Config) -> CharLM:
         hidden_size=cfg.hidden_size,
         num_layers=cfg.num_layers,
         output_transform=cfg.output_transform,
+        dropout_rate=cfg.dropout_rate,
+        recurrent_dropout_rate=cfg.recurrent_dropout_rate,
     )
 
 
 def lm_loss(params, state, batch, rng, carry):
-    """Next-character cross-entropy (nats) of a ``(B, T + 1)`` token batch."""
-    del rng
-    logits, new_carry = state.apply_fn({"params": params}, batch[:, :-1], carry, return_state=True)
+    """Next-character cross-entropy (nats) of a ``(B, T + 1)`` token batch (dropout on, drawn from ``rng``)."""
+    logits, new_carry = state.apply_fn(
+        {"params": params}, batch[:, :-1], carry, deterministic=False, return_state=True, rngs={"dropout": rng}
+    )
     loss = training.sequence_cross_entropy(logits, batch[:, 1:])
     return loss, ({"bits_per_char": training.to_bits(loss)}, new_carry if carry is not None else None)
 
@@ -255,7 +304,7 @@ def make_evaluator(model: CharLM, tokens: np.ndarray, seq_len: int, streams: int
 
     @jax.jit
     def chunk_nats(params, x, y, carry):
-        logits, carry = model.apply({"params": params}, x, carry, return_state=True)
+        logits, carry = model.apply({"params": params}, x, carry, deterministic=True, return_state=True)
         return training.sequence_cross_entropy(logits, y) * y.size, carry
 
     def evaluate(state) -> dict:
@@ -325,7 +374,7 @@ def sample(
 
     @jax.jit
     def run(params, tokens, carry):
-        logits, carry = model.apply({"params": params}, tokens, carry, return_state=True)
+        logits, carry = model.apply({"params": params}, tokens, carry, deterministic=True, return_state=True)
         return logits[:, -1], carry
 
     @jax.jit
@@ -407,11 +456,12 @@ def read_config(run_dir: pathlib.Path) -> Config:
     data = _read_json_config(path)
     if data is None:
         raise RunError(f"{run_dir} is not a jaxlstm run folder (no config.json). Point at the --out of a training run.")
-    if data.get("format_version") != FORMAT_VERSION:
-        raise RunError(
-            f"{path} has format version {data.get('format_version')!r}; this jaxlstm reads {FORMAT_VERSION}."
-        )
+    version = data.get("format_version")
+    if version not in (1, FORMAT_VERSION):
+        raise RunError(f"{path} has format version {version!r}; this jaxlstm reads 1 and {FORMAT_VERSION}.")
     fields = {k: v for k, v in data.items() if k not in ("format", "format_version")}
+    if version == 1:  # a run from before these options: they keep the values it was trained with
+        fields = {**_ADDED_IN_2, **fields}
     known = {f.name for f in dataclasses.fields(Config)}
     unknown, missing = sorted(set(fields) - known), sorted(known - set(fields))
     if unknown or missing:
@@ -475,7 +525,8 @@ class RunLock:
             self._fd = None
 
 
-def plot_history(history: list, path: pathlib.Path) -> None:
+def plot_history(history: list, path: pathlib.Path, *, vocab_size: int, title: str = "") -> None:
+    """Training and held-out bits per character against the step, with the uniform-guess baseline."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -485,11 +536,15 @@ def plot_history(history: list, path: pathlib.Path) -> None:
     valid = [(h["step"], h["eval_bits_per_char"]) for h in history if "eval_bits_per_char" in h]
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
-        ax.plot(*zip(*train), label="train (batch)", alpha=0.7)
+        ax.plot(*zip(*train), label="training (mean over each logging interval)", alpha=0.7)
     if valid:
-        ax.plot(*zip(*valid), "o-", label="held-out")
-    ax.set_xlabel("step")
-    ax.set_ylabel("bits per character")
+        ax.plot(*zip(*valid), "o-", label="held-out (last 5% of the text)")
+    uniform = math.log2(vocab_size)
+    ax.axhline(uniform, color="grey", linestyle="--", linewidth=1, label=f"uniform guess, log2({vocab_size})")
+    ax.set_xlabel("training step (one batch each)")
+    ax.set_ylabel("cross-entropy (bits per character)")
+    ax.set_title(title or "character language model")
+    ax.set_ylim(bottom=0, top=uniform * 1.05)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -522,7 +577,8 @@ def _resume_config(saved: Config, options: dict, completed: int, log) -> Config:
             + "; ".join(diffs)
             + ". Drop them to continue, or start a new run with another --out."
         )
-    cfg = dataclasses.replace(saved, **{k: options[k] for k in ("eval_every", "save_every") if k in options})
+    changeable = ("eval_every", "save_every", "log_every", "patience")
+    cfg = dataclasses.replace(saved, **{k: options[k] for k in changeable if k in options})
     schedule = saved.schedule_steps or saved.steps
     if "steps" in options and options["steps"] != saved.steps:
         steps = options["steps"]
@@ -663,8 +719,28 @@ def _train_locked(options: dict, out: pathlib.Path, stop, *, resume: bool, overw
     batches = window_batches(encode(train_text, cfg.vocab), cfg.batch_size, cfg.seq_len, cfg.seed)
     evaluator = make_evaluator(model, encode(valid_text, cfg.vocab), cfg.seq_len)
 
+    last: dict = {}  # the latest training and held-out figures, for the plain lines
+
     def on_eval(step, ev):
-        log(f"step {step}: held-out {ev['eval_bits_per_char']:.3f} bits/char")
+        if progress:  # written above the bar
+            log(f"step {step}: held-out {ev['eval_bits_per_char']:.3f} bits/char")
+
+    def on_record(row):
+        # without the bar: one plain line per logging interval with the training and held-out figures
+        # (at a step that is evaluated, the line waits for the evaluation)
+        if progress:
+            return
+        step = row["step"]
+        if "eval_bits_per_char" in row:
+            last["eval"] = (step, row["eval_bits_per_char"])
+            train = f"; train {last['train'][1]:.3f}" if "train" in last else ""
+            log(f"step {step}: held-out {row['eval_bits_per_char']:.3f} bits/char{train}")
+        elif "bits_per_char" in row:
+            last["train"] = (step, row["bits_per_char"])
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                return
+            held = f"; held-out {last['eval'][1]:.3f} (step {last['eval'][0]})" if "eval" in last else ""
+            log(f"step {step}/{cfg.steps}: train {row['bits_per_char']:.3f} bits/char{held}")
 
     t0 = time.perf_counter()
     if stop.signal is not None:
@@ -681,9 +757,15 @@ def _train_locked(options: dict, out: pathlib.Path, stop, *, resume: bool, overw
             checkpoint_dir=out / "checkpoints",
             save_every=cfg.save_every,
             metrics_path=out / "metrics.jsonl",
+            log_every=cfg.log_every,
             progress=progress,
+            progress_metric="bits_per_char",
             on_eval=on_eval,
+            on_record=on_record,
             log=log,
+            best_metric="eval_bits_per_char",
+            best_dir=out / "best",
+            patience=cfg.patience or None,
         )
     except training.NonFiniteLossError as e:
         raise RunError(f"{e} The checkpoints hold only finite values.") from None
@@ -713,10 +795,20 @@ def _train_locked(options: dict, out: pathlib.Path, stop, *, resume: bool, overw
             f"Continue with: jaxlstm train --out {out} --resume"
         )
         return TrainResult(result.state, result.history, stop.signal or signal.SIGINT)
-    plot_history(history, out / "loss.png")
+    cell = "output-map cell" if cfg.output_transform else "classic cell"
+    plot_history(
+        history,
+        out / "loss.png",
+        vocab_size=len(cfg.vocab),
+        title=f"jaxlstm train: LSTM {cfg.hidden_size} x {cfg.num_layers} ({cell}), "
+        f"batch {cfg.batch_size} x {cfg.seq_len}",
+    )
     text_sample = sample(model, result.state.params, cfg.vocab, "", 400, 0.8, cfg.seed)[0]
     training.write_text_atomic(out / "sample.txt", text_sample)
-    log(f"finished at step {int(result.state.step)} in {wall:.0f} s; wrote {out}/checkpoints, metrics.jsonl, loss.png")
+    how = "stopped early" if result.early_stopped else "finished"
+    log(f"{how} at step {int(result.state.step)} in {wall:.0f} s; wrote {out}/checkpoints, metrics.jsonl, loss.png")
+    if result.best is not None:
+        log(f"best held-out: {result.best['value']:.3f} bits/char at step {result.best['step']} (kept in {out}/best)")
     log("sample:\n" + text_sample)
     return TrainResult(result.state, result.history, None)
 
@@ -744,8 +836,13 @@ def _out_of_memory(e: BaseException) -> bool:
 
 def _state(cfg: Config):
     model = build(cfg)
-    params = model.init(jax.random.key(cfg.seed), jnp.zeros((1, cfg.seq_len), jnp.int32))["params"]
-    tx = training.default_optimizer(cfg.learning_rate, total_steps=cfg.schedule_steps or cfg.steps)
+    params = model.init(jax.random.key(cfg.seed), jnp.zeros((1, cfg.seq_len), jnp.int32), deterministic=True)["params"]
+    tx = training.default_optimizer(
+        cfg.learning_rate,
+        total_steps=cfg.schedule_steps or cfg.steps,
+        warmup_steps=cfg.warmup_steps,
+        weight_decay=cfg.weight_decay,
+    )
     return model, training.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
 
 

@@ -64,6 +64,12 @@ _TRAIN_FIELDS = {
     "seed": "seed",
     "eval_every": "eval_every",
     "save_every": "save_every",
+    "dropout": "dropout_rate",
+    "recurrent_dropout": "recurrent_dropout_rate",
+    "weight_decay": "weight_decay",
+    "warmup": "warmup_steps",
+    "log_every": "log_every",
+    "patience": "patience",
 }
 
 
@@ -107,7 +113,7 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _number(kind, *, minimum=None, positive=False, maximum=None):
+def _number(kind, *, minimum=None, positive=False, maximum=None, below=None):
     """An argparse type: ``kind`` (int or float), finite, and positive / at least ``minimum`` / at most ``maximum``."""
 
     def parse(value):
@@ -125,6 +131,8 @@ def _number(kind, *, minimum=None, positive=False, maximum=None):
             raise argparse.ArgumentTypeError(f"must be at least {minimum}; received {value}")
         if maximum is not None and v > maximum:
             raise argparse.ArgumentTypeError(f"must be at most {maximum}; received {value}")
+        if below is not None and v >= below:
+            raise argparse.ArgumentTypeError(f"must be below {below}; received {value}")
         return v
 
     return parse
@@ -196,6 +204,42 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--save-every", type=pos_int, default=None, help=f"steps between checkpoints (default {d.save_every})"
     )
+    rate = _number(float, minimum=0.0, below=1.0)
+    train.add_argument(
+        "--dropout", type=rate, default=None, help=f"dropout on the LSTM outputs, in [0, 1) (default {d.dropout_rate})"
+    )
+    train.add_argument(
+        "--recurrent-dropout",
+        type=rate,
+        default=None,
+        help=f"variational dropout on a^(t-1) inside the recurrence, in [0, 1) (default {d.recurrent_dropout_rate})",
+    )
+    train.add_argument(
+        "--weight-decay",
+        type=_number(float, minimum=0.0),
+        default=None,
+        help=f"AdamW weight decay (default {d.weight_decay})",
+    )
+    train.add_argument(
+        "--warmup",
+        type=_number(int, minimum=0),
+        default=None,
+        help="learning-rate warm-up steps (default: 5%% of --steps)",
+    )
+    train.add_argument(
+        "--log-every",
+        type=pos_int,
+        default=None,
+        help=f"steps per logging interval: metrics.jsonl rows (means over the interval) and, with "
+        f"--no-progress, one line each (default {d.log_every})",
+    )
+    train.add_argument(
+        "--patience",
+        type=_number(int, minimum=0),
+        default=None,
+        help="stop after this many evaluations without a better held-out bits/char (default 0: never); "
+        "the best state is always kept in <out>/best",
+    )
     train.add_argument(
         "--classic",
         action="store_true",
@@ -203,7 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
         "tanh(W_o c + b_o)",
     )
     train.add_argument(
-        "--no-progress", action="store_true", help="no progress bar: one plain line per evaluation instead"
+        "--no-progress",
+        action="store_true",
+        help="no progress bar: one plain line per logging interval with the training and held-out bits/char",
     )
     train.set_defaults(func=_train)
     gen = sub.add_parser(

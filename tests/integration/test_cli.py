@@ -339,3 +339,54 @@ def test_help_shows_every_option_with_a_line_and_version(capsys):
             assert len(block.split()) >= 3, (command, option, block)
     assert cli("--version") == 0
     assert capsys.readouterr().out.strip() == f"jaxlstm {jaxlstm.__version__}"
+
+
+def test_train_options_no_progress_lines_best_and_patience(tmp_path, text, capsys):
+    out = tmp_path / "run"
+    args = ["--text", str(text), "--out", str(out), *SMALL, "--dropout", "0.2", "--recurrent-dropout", "0.1"]
+    args += ["--weight-decay", "0.01", "--warmup", "2", "--log-every", "2", "--lr", "0.5", "--patience", "1"]
+    assert cli("train", "--steps", "30", *args) == 0
+    printed = capsys.readouterr().out
+    # --no-progress: one plain line per logging interval, in bits per character, with the held-out figure
+    lines = [x for x in printed.splitlines() if re.match(r"step \d+/30: train", x)]
+    assert lines and all("bits/char" in x for x in lines)
+    assert any("held-out" in x for x in lines[2:])
+    config = json.loads((out / "config.json").read_text())
+    assert (config["dropout_rate"], config["recurrent_dropout_rate"], config["weight_decay"]) == (0.2, 0.1, 0.01)
+    assert (config["warmup_steps"], config["log_every"], config["patience"]) == (2, 2, 1)
+    # the best evaluation is kept beside the latest checkpoints
+    assert "best held-out:" in printed
+    best_step = int(re.search(r"best held-out: [\d.]+ bits/char at step (\d+)", printed).group(1))
+    assert sorted(int(p.name) for p in (out / "best").iterdir() if p.name.isdigit()) == [best_step]
+    # patience 1: the run ends at the first evaluation that does not beat the best one (if any does not)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [(r["step"], r["eval_bits_per_char"]) for r in rows if "eval_bits_per_char" in r]
+    best, stop_at = float("inf"), None
+    for step, value in evals:
+        if value < best:
+            best = value
+        elif step < 30:
+            stop_at = step
+            break
+    if stop_at is None:
+        assert rows[-1]["step"] == 30 and "stopped early" not in printed
+    else:
+        assert evals[-1][0] == stop_at and f"stopped early at step {stop_at}" in printed
+    assert min(v for _, v in evals) == pytest.approx(
+        float(re.search(r"best held-out: ([\d.]+)", printed).group(1)), abs=5e-4
+    )
+    # these options define the run: --resume refuses a change
+    msg = one_line_error(capsys, "train", "--resume", "--out", str(out), "--dropout", "0.3")
+    assert "--dropout: the run has 0.2, the command line 0.3" in msg
+
+
+def test_runs_of_format_version_1_still_resume(tmp_path, text, capsys):
+    out = tmp_path / "run"
+    assert cli("train", "--steps", "3", "--text", str(text), "--out", str(out), *SMALL) == 0
+    config = json.loads((out / "config.json").read_text())
+    for key in ("dropout_rate", "recurrent_dropout_rate", "weight_decay", "warmup_steps", "log_every", "patience"):
+        del config[key]
+    config["format_version"] = 1
+    (out / "config.json").write_text(json.dumps(config))
+    assert cli("train", "--steps", "6", "--resume", "--out", str(out), "--no-progress") == 0
+    assert json.loads((out / "config.json").read_text())["log_every"] == 10

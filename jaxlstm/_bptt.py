@@ -104,8 +104,11 @@ def backward_scan(
     mask: Array | None,
     reverse: bool,
     unroll: int | bool,
-) -> tuple[Array, Array | None, LSTMState]:
-    """Reverse of the forward scan: returns ``(dG, dZ, d_initial_state)``.
+) -> tuple[Array, Array | None, LSTMState, Array | None]:
+    """Reverse of the forward scan: returns ``(dG, dZ, d_initial_state, dA)``.
+
+    ``dA`` ``(T, *B, P)`` (with a projection only, else ``None``) is each
+    valid step's gradient of its hidden state ``a = γ_o W_hr``, for ``dW_hr``.
 
     Each step reads its gates and writes its gate gradient ``dG`` at the same
     index of the same buffer (and ``dZ`` over ``u`` for the output-map cell), so the
@@ -124,9 +127,10 @@ def backward_scan(
     # (benchmarks/cpu_effects.py).
     w_h_t = params.w_h.T.astype(acc)
     w_o_t = params.w_o.T.astype(acc) if params.w_o is not None else None
+    w_hr_t = params.w_hr.T.astype(acc) if params.w_hr is not None else None
 
     def body(carry: tuple, inputs: tuple) -> tuple[tuple, None]:
-        dh_next, dc_next, buf, u_buf, gates, u_read = carry
+        dh_next, dc_next, buf, u_buf, gates, u_read, da_buf = carry
         dy, v, row, row_next = inputs  # v: is the step valid; row: its index in the buffers
         # ``gates`` and ``u`` of this row were read at the end of the previous iteration,
         # after that iteration's write: a read of a row before the write to that row
@@ -138,8 +142,9 @@ def backward_scan(
         f1, i, f2, f3 = (gates[..., k * h : (k + 1) * h] for k in range(4))
         u = u_read if has_output_map else jnp.tanh(res.cells[row])
         dh = dh_next + dy.astype(acc)
-        d_f3 = dh * u
-        dz = dh * f3 * (1 - u * u)
+        dm = dh if w_hr_t is None else dh @ w_hr_t  # the gradient of γ_o (through the projection, if any)
+        d_f3 = dm * u
+        dz = dm * f3 * (1 - u * u)
         dc = dc_next + (dz @ w_o_t if has_output_map else dz)
         d_pre = jnp.concatenate(
             [
@@ -158,12 +163,15 @@ def backward_scan(
             dz = jnp.where(keep, dz, jnp.zeros_like(dz))
             dh_prev = jnp.where(keep, dh_prev, dh_next)
             dc_prev = jnp.where(keep, dc_prev, dc_next)
+        if da_buf is not None:
+            da = dh if keep is None else jnp.where(keep, dh, jnp.zeros_like(dh))
+            da_buf = jax.lax.dynamic_update_index_in_dim(da_buf, da, row, 0)
         buf = jax.lax.dynamic_update_index_in_dim(buf, d_pre, row, 0)
         gates = jax.lax.dynamic_index_in_dim(buf, row_next, 0, keepdims=False)
         if has_output_map:
             u_buf = jax.lax.dynamic_update_index_in_dim(u_buf, dz, row, 0)
             u_read = jax.lax.dynamic_index_in_dim(u_buf, row_next, 0, keepdims=False)
-        return (dh_prev, dc_prev, buf, u_buf, gates, u_read), None
+        return (dh_prev, dc_prev, buf, u_buf, gates, u_read, da_buf), None
 
     # The backward pass visits the indices last..0 (forward scan) or 0..last
     # (reverse scan); row_next is the index it visits after row (clamped at the end,
@@ -174,14 +182,15 @@ def backward_scan(
     else:
         first, row_next = last, jnp.maximum(index - 1, 0)
     u0 = res.u[first] if res.u is not None else None
-    (dh0, dc0, d_pre, dz, _, _), _ = jax.lax.scan(
+    da0 = None if w_hr_t is None else jnp.zeros(res.cells.shape[:-1] + (params.output_size,), acc)
+    (dh0, dc0, d_pre, dz, _, _, da), _ = jax.lax.scan(
         body,
-        (d_final.hidden, d_final.cell, res.gates, res.u, res.gates[first], u0),
+        (d_final.hidden, d_final.cell, res.gates, res.u, res.gates[first], u0, da0),
         (dhs, valid, index, row_next),
         reverse=not reverse,
         unroll=unroll,
     )
-    return d_pre, dz, LSTMState(dc0, dh0)
+    return d_pre, dz, LSTMState(dc0, dh0), da
 
 
 def _rows(a: Array) -> Array:
@@ -189,9 +198,20 @@ def _rows(a: Array) -> Array:
 
 
 def param_grads(
-    params: LSTMParams, xs: Array, h_prev: Array, cells: Array, d_pre: Array, dz: Array | None, mask: Array | None
+    params: LSTMParams,
+    xs: Array,
+    h_prev: Array,
+    cells: Array,
+    d_pre: Array,
+    dz: Array | None,
+    mask: Array | None,
+    gamma_o: Array | None = None,
+    da: Array | None = None,
 ) -> LSTMParams:
-    """Weight gradients as single large matmuls over all ``T * B`` rows, in ``d_pre``'s dtype."""
+    """Weight gradients as single large matmuls over all ``T * B`` rows, in ``d_pre``'s dtype.
+
+    With a projection, ``gamma_o`` ``(T, *B, H)`` and ``da`` ``(T, *B, P)`` give ``dW_hr``.
+    """
     dg = _rows(d_pre)
     acc = dg.dtype
     h_prev = h_prev.astype(acc)
@@ -200,10 +220,13 @@ def param_grads(
     dw_h = _rows(h_prev).T @ dg
     dw_x = _rows(xs.astype(acc)).T @ dg
     db = dg.sum(0)
+    dw_hr = None
+    if params.w_hr is not None and gamma_o is not None and da is not None:
+        dw_hr = _rows(gamma_o).T @ _rows(da)
     if params.w_o is None or dz is None:
-        return LSTMParams(dw_h, dw_x, db, None, None)
+        return LSTMParams(dw_h, dw_x, db, None, None, dw_hr)
     dzr = _rows(dz)
-    return LSTMParams(dw_h, dw_x, db, _rows(cells).T @ dzr, dzr.sum(0))
+    return LSTMParams(dw_h, dw_x, db, _rows(cells).T @ dzr, dzr.sum(0), dw_hr)
 
 
 def _add_params(a: LSTMParams, b: LSTMParams) -> LSTMParams:
@@ -240,8 +263,13 @@ def chunk_backward(
     cotangents and ``d_end`` the cotangent of the state after it.
     """
     h_prev = previous(hs.astype(start.hidden.dtype), start.hidden, valid, reverse)
-    d_pre, dz, d_start = backward_scan(params, res, start.cell, dhs, d_end, valid, mask, reverse, unroll)
-    grads = param_grads(params, xs, h_prev, res.cells, d_pre, dz, mask)
+    gamma_o = None
+    if params.w_hr is not None:  # read before the backward scan overwrites the gates with their gradients
+        h = params.hidden_size
+        u = res.u if res.u is not None else jnp.tanh(res.cells)
+        gamma_o = res.gates[..., 3 * h :] * u
+    d_pre, dz, d_start, da = backward_scan(params, res, start.cell, dhs, d_end, valid, mask, reverse, unroll)
+    grads = param_grads(params, xs, h_prev, res.cells, d_pre, dz, mask, gamma_o, da)
     dxs = (d_pre @ params.w_x.T.astype(d_pre.dtype)).astype(xs.dtype)
     return grads, dxs, d_start
 

@@ -65,7 +65,10 @@ def update(
     f3 = jax.nn.sigmoid(pre[..., 3 * h :])
     cell = f1 * cell_prev + i * f2
     u = cell_output(params, cell)
-    return cell, u * f3, (f1, i, f2, f3), u
+    hidden = u * f3
+    if params.w_hr is not None:  # LSTMP: a = γ_o W_hr
+        hidden = matmul(hidden, params.w_hr, hidden.dtype)
+    return cell, hidden, (f1, i, f2, f3), u
 
 
 def step(
@@ -113,5 +116,7 @@ def lstm_step(params: LSTMParams, state: LSTMState, x: Any) -> tuple[LSTMState, 
     check_floating(x.dtype, "x")
     check_features(x, params.input_size, "x")
     check_same_dtype(x.dtype, params.dtype, "x")
-    state = check_state(state, x.shape[:-1], params.hidden_size, state_dtype(params.dtype), params.dtype)
+    state = check_state(
+        state, x.shape[:-1], params.hidden_size, state_dtype(params.dtype), params.dtype, params.output_size
+    )
     return step(params, state, x)

@@ -78,19 +78,28 @@ def check_sequence(xs: Array, input_size: int, time_major: bool) -> None:
     check_features(xs, input_size, "xs")
 
 
-def check_state(state: Any, batch_shape: tuple, hidden_size: int, dtype: Any, params_dtype: Any = None) -> LSTMState:
+def check_state(
+    state: Any,
+    batch_shape: tuple,
+    hidden_size: int,
+    dtype: Any,
+    params_dtype: Any = None,
+    output_size: int | None = None,
+) -> LSTMState:
     if not (isinstance(state, tuple) and len(state) == 2):
         raise TypeError(
             f"state must be a jaxlstm.LSTMState(cell, hidden); received {describe(state)}. "
             "Use jaxlstm.zero_state(params, batch_shape) for a zero state."
         )
     state = LSTMState(*(jnp.asarray(s) for s in state))
-    expected = tuple(batch_shape) + (hidden_size,)
+    sizes = {"cell": hidden_size, "hidden": hidden_size if output_size is None else output_size}
     for name, s in zip(("cell", "hidden"), state):
+        expected = tuple(batch_shape) + (sizes[name],)
         if s.shape != expected:
+            what = "proj_size" if name == "hidden" and sizes["hidden"] != hidden_size else "hidden_size"
             raise ValueError(
                 f"state.{name} has shape {s.shape}; expected {expected} (batch shape {tuple(batch_shape)}, "
-                f"hidden_size {hidden_size}). Nothing is broadcast: build it with "
+                f"{what} {sizes[name]}). Nothing is broadcast: build it with "
                 f"jaxlstm.zero_state(params, batch_shape={tuple(batch_shape)}) or tile it to the batch."
             )
         if params_dtype is not None and jnp.dtype(dtype) != jnp.dtype(params_dtype):
@@ -206,10 +215,21 @@ def check_params(params: Any) -> LSTMParams:
             f"expected jaxlstm.LSTMParams; received {describe(params)}. "
             "Build one with jaxlstm.init_params or jaxlstm.params_from_gates."
         )
-    w_h, w_x, b = params.w_h, params.w_x, params.b
-    if getattr(w_h, "ndim", None) != 2 or w_h.shape[1] != 4 * w_h.shape[0]:
-        raise ValueError(f"LSTMParams.w_h must have shape (H, 4H); received {describe(w_h)}.")
-    h = w_h.shape[0]
+    w_h, w_x, b, w_hr = params.w_h, params.w_x, params.b, params.w_hr
+    if w_hr is None and (getattr(w_h, "ndim", None) != 2 or w_h.shape[1] != 4 * w_h.shape[0]):
+        raise ValueError(
+            f"LSTMParams.w_h must have shape (H, 4H) (or (P, 4H) with a projection w_hr); received {describe(w_h)}."
+        )
+    if w_hr is not None:
+        if getattr(w_h, "ndim", None) != 2 or w_h.shape[1] % 4:
+            raise ValueError(f"LSTMParams.w_h must have shape (P, 4H); received {describe(w_h)}.")
+        h, p = w_h.shape[1] // 4, w_h.shape[0]
+        if getattr(w_hr, "shape", None) != (h, p):
+            raise ValueError(
+                f"LSTMParams.w_hr (the projection) must have shape (H, P) = ({h}, {p}) to match w_h {w_h.shape}; "
+                f"received {describe(w_hr)}."
+            )
+    h = w_h.shape[1] // 4
     if getattr(w_x, "ndim", None) != 2 or w_x.shape[1] != 4 * h:
         raise ValueError(
             f"LSTMParams.w_x must have shape (I, {4 * h}) to match w_h {w_h.shape}; received {describe(w_x)}."

@@ -9,7 +9,6 @@ import jax.numpy as jnp
 
 from ._cell import step
 from ._checks import check_floating, check_num_layers, describe, positive_int
-from ._init import zero_state
 from ._precision import state_dtype
 from ._stack import lstm_stack, merge_fn
 from ._types import Array, BidirectionalState, LSTMParams, LSTMState
@@ -27,13 +26,18 @@ def merged_size(merge: Any, hidden_size: int) -> int:
     return int(merged.shape[-1])
 
 
-def layer_input_sizes(input_size: int, hidden_size: int, num_layers: int, bidirectional: bool, merge: Any) -> list[int]:
-    """The input size of each layer of a stack."""
+def layer_input_sizes(
+    input_size: int, hidden_size: int, num_layers: int, bidirectional: bool, merge: Any, proj_size: int | None = None
+) -> list[int]:
+    """The input size of each layer of a stack (layers after the first read ``P`` features with a projection)."""
     check_num_layers(num_layers)
     positive_int(hidden_size, "hidden_size")
+    if proj_size is not None:
+        positive_int(proj_size, "proj_size")
     if num_layers == 1:
         return [input_size]
-    out = hidden_size if not bidirectional else merged_size(merge, hidden_size)
+    size = proj_size or hidden_size
+    out = size if not bidirectional else merged_size(merge, size)
     return [input_size] + [out] * (num_layers - 1)
 
 
@@ -74,8 +78,20 @@ def cell_step(params: LSTMParams, carry: Any, x: Any, dtype: Any, param_dtype: A
     return out, y
 
 
+def zero_carry(batch_shape: tuple, hidden_size: int, proj_size: int | None, dtype: Any) -> LSTMState:
+    """Zeros: the cell ``(*batch, H)``, the hidden state ``(*batch, P)`` (``P = H`` without a projection)."""
+    batch = tuple(batch_shape)
+    return LSTMState(jnp.zeros(batch + (hidden_size,), dtype), jnp.zeros(batch + (proj_size or hidden_size,), dtype))
+
+
 def zero_states(
-    input_shape: tuple[int, ...], hidden_size: int, num_layers: int, bidirectional: bool, time_major: bool, dtype: Any
+    input_shape: tuple[int, ...],
+    hidden_size: int,
+    num_layers: int,
+    bidirectional: bool,
+    time_major: bool,
+    dtype: Any,
+    proj_size: int | None = None,
 ) -> tuple:
     """Zero initial states of a module stack, one per layer, for inputs of ``input_shape``."""
     shape = tuple(input_shape)
@@ -83,7 +99,7 @@ def zero_states(
         layout = "(T, B, I)" if time_major else "(B, T, I)"
         raise ValueError(f"initialize_carry: input_shape must be {layout} or (T, I); received {shape}.")
     batch = () if len(shape) == 2 else ((shape[1],) if time_major else (shape[0],))
-    one = zero_state(hidden_size, batch, dtype)
+    one = zero_carry(batch, hidden_size, proj_size, dtype)
     return tuple(BidirectionalState(one, one) if bidirectional else one for _ in range(num_layers))
 
 
@@ -159,8 +175,10 @@ def learned_states(cell: Array, hidden: Array, xs: Array, time_major: bool, bidi
     batch = () if xs.ndim == 2 else ((xs.shape[1],) if time_major else (xs.shape[0],))
 
     def one(k: int, d: int) -> LSTMState:
-        shape = batch + (cell.shape[-1],)
-        return LSTMState(jnp.broadcast_to(cell[k, d], shape), jnp.broadcast_to(hidden[k, d], shape))
+        return LSTMState(
+            jnp.broadcast_to(cell[k, d], batch + (cell.shape[-1],)),
+            jnp.broadcast_to(hidden[k, d], batch + (hidden.shape[-1],)),
+        )
 
     if bidirectional:
         return tuple(BidirectionalState(one(k, 0), one(k, 1)) for k in range(cell.shape[0]))

@@ -38,25 +38,25 @@ def zero_state(params_or_hidden_size: Any, batch_shape: int | tuple[int, ...] = 
     """
     if isinstance(params_or_hidden_size, LSTMParams):
         h = params_or_hidden_size.hidden_size
+        p = params_or_hidden_size.output_size
         dtype = state_dtype(params_or_hidden_size.dtype) if dtype is None else dtype
     else:
-        h = positive_int(params_or_hidden_size, "hidden_size")
+        h = p = positive_int(params_or_hidden_size, "hidden_size")
         dtype = jnp.float32 if dtype is None else dtype
     if isinstance(batch_shape, int):
         batch_shape = (batch_shape,)
-    shape = tuple(batch_shape) + (h,)
-    z = jnp.zeros(shape, dtype)
-    return LSTMState(z, z)
+    batch_shape = tuple(batch_shape)
+    return LSTMState(jnp.zeros(batch_shape + (h,), dtype), jnp.zeros(batch_shape + (p,), dtype))
 
 
 def default_recurrent_init() -> Initializer:
-    """Orthogonal, applied to each gate's ``(H, H)`` block separately."""
+    """Orthogonal, applied to each gate's ``(H, H)`` block (``(P, H)`` with a projection) separately."""
     ortho = jax.nn.initializers.orthogonal()
 
     def init(key: Array, shape: tuple, dtype: Any = jnp.float32) -> Array:
-        h, four_h = shape
-        keys = jax.random.split(key, four_h // h)
-        return jnp.concatenate([ortho(k, (h, h), dtype) for k in keys], axis=1)
+        rows, four_h = shape
+        keys = jax.random.split(key, 4)
+        return jnp.concatenate([ortho(k, (rows, four_h // 4), dtype) for k in keys], axis=1)
 
     return init
 
@@ -74,6 +74,7 @@ def layer_initializers(
     forget_bias: float = 1.0,
     output_init: Initializer | None = None,
     output_bias_init: Initializer | None = None,
+    projection_init: Initializer | None = None,
 ) -> dict[str, Initializer]:
     """One initializer per field of :class:`LSTMParams` (``None`` picks the default).
 
@@ -93,6 +94,7 @@ def layer_initializers(
         "b": b_init,
         "w_o": output_init or _identity_init,
         "b_o": output_bias_init or jax.nn.initializers.zeros,
+        "w_hr": projection_init or jax.nn.initializers.glorot_uniform(),
     }
     return {name: _in_float32_at_least(init) for name, init in inits.items()}
 
@@ -114,13 +116,18 @@ def _in_float32_at_least(init: Initializer) -> Initializer:
     return init_fn
 
 
-def param_shapes(input_size: int, hidden_size: int, output_transform: bool) -> dict[str, tuple[int, ...]]:
+def param_shapes(
+    input_size: int, hidden_size: int, output_transform: bool, proj_size: int | None = None
+) -> dict[str, tuple[int, ...]]:
     """Shapes of the fields of :class:`LSTMParams` (only the present ones)."""
     input_size = positive_int(input_size, "input_size")
     h = positive_int(hidden_size, "hidden_size")
-    shapes = {"w_h": (h, 4 * h), "w_x": (input_size, 4 * h), "b": (4 * h,)}
+    p = h if proj_size is None else positive_int(proj_size, "proj_size")
+    shapes = {"w_h": (p, 4 * h), "w_x": (input_size, 4 * h), "b": (4 * h,)}
     if output_transform:
         shapes.update(w_o=(h, h), b_o=(h,))
+    if proj_size is not None:
+        shapes.update(w_hr=(h, p))
     return shapes
 
 
@@ -137,6 +144,8 @@ def init_params(
     forget_bias: float = 1.0,
     output_init: Initializer | None = None,
     output_bias_init: Initializer | None = None,
+    proj_size: int | None = None,
+    projection_init: Initializer | None = None,
 ) -> LSTMParams:
     """Random parameters for one LSTM layer.
 
@@ -152,6 +161,7 @@ def init_params(
       (``tanh(W_o c + b_o) = tanh(c)``) and learns its output map from there;
       a random ``W_o`` would scramble the cell state's coordinates before the
       first step of training.
+    * ``projection_init`` (with ``proj_size``): Glorot-uniform for ``w_hr``.
 
     Args:
       key: a PRNG key.
@@ -160,6 +170,8 @@ def init_params(
       output_transform: ``True`` for the output-map cell (``tanh(W_o c + b_o)`` in the
         output gate), ``False`` for the classic cell (``tanh(c)``).
       dtype: parameter dtype.
+      proj_size: ``P``: project the hidden state to ``a^t = γ_o W_hr`` of size
+        ``P`` (LSTMP, as PyTorch's ``proj_size``); ``None`` (default): no projection.
 
     Returns:
       :class:`LSTMParams`.
@@ -181,9 +193,11 @@ def init_params(
         forget_bias=forget_bias,
         output_init=output_init,
         output_bias_init=output_bias_init,
+        projection_init=projection_init,
     )
-    shapes = param_shapes(input_size, hidden_size, output_transform)
+    shapes = param_shapes(input_size, hidden_size, output_transform, proj_size)
     keys = dict(zip(("w_x", "w_h", "b", "w_o", "b_o"), jax.random.split(key, 5)))
+    keys["w_hr"] = jax.random.fold_in(key, 6)  # its own key: the other weights do not depend on proj_size
     return LSTMParams(**{name: inits[name](keys[name], shape, dtype) for name, shape in shapes.items()})
 
 
@@ -198,6 +212,7 @@ def params_from_gates(
     b_f3: Any,
     W_o: Any = None,
     b_o: Any = None,
+    W_hr: Any = None,
 ) -> LSTMParams:
     """Build :class:`LSTMParams` from per-gate matrices in the per-gate notation of the equations.
 
@@ -208,6 +223,8 @@ def params_from_gates(
       W_o: ``(H, H)``, acting on the new cell state ``c^t``; ``None`` (together
         with ``b_o``) gives the classic cell.
       b_o: ``(H,)`` or ``None``.
+      W_hr: ``(P, H)``, the projection ``a' = W_hr γ_o`` (LSTMP), or ``None``.
+        With it the ``[a, x]`` maps are ``(H, P + I)``.
 
     Returns:
       :class:`LSTMParams` computing exactly::
@@ -239,10 +256,17 @@ def params_from_gates(
     if ref.ndim != 2:
         raise ValueError(f"params_from_gates: W_f1 must have shape (H, H + I); received shape {ref.shape}.")
     h = ref.shape[0]
-    if ref.shape[1] <= h:
+    p = h
+    if W_hr is not None:
+        W_hr = jnp.asarray(W_hr)
+        if W_hr.ndim != 2 or W_hr.shape[1] != h:
+            raise ValueError(f"params_from_gates: W_hr has shape {W_hr.shape}; expected (P, {h}) (it maps γ_o to a).")
+        p = W_hr.shape[0]
+    if ref.shape[1] <= p:
         raise ValueError(
-            f"params_from_gates: W_f1 has shape {ref.shape}, so H = {h} and H + I = {ref.shape[1]} "
-            "leaves no input features. Each W must be (H, H + I) acting on [a, x], hidden part first."
+            f"params_from_gates: W_f1 has shape {ref.shape}, so the hidden state takes {p} columns and "
+            f"{ref.shape[1]} leaves no input features. Each W must be (H, H + I) (or (H, P + I) with W_hr) "
+            "acting on [a, x], hidden part first."
         )
     for name, m in mats.items():
         if m.shape != ref.shape:
@@ -263,6 +287,8 @@ def params_from_gates(
         if b_o.shape != (h,):
             raise ValueError(f"params_from_gates: b_o has shape {b_o.shape}; expected ({h},).")
         arrays += [W_o, b_o]
+    if W_hr is not None:
+        arrays.append(W_hr)
     dtypes = {a.dtype for a in arrays}
     if len(dtypes) != 1:
         raise TypeError(
@@ -271,7 +297,7 @@ def params_from_gates(
         )
     check_floating(ref.dtype, "params_from_gates weights")
     order = [mats[f"W_{n}"] for n in GATE_ORDER]
-    w_h = jnp.concatenate([m[:, :h].T for m in order], axis=1)
-    w_x = jnp.concatenate([m[:, h:].T for m in order], axis=1)
+    w_h = jnp.concatenate([m[:, :p].T for m in order], axis=1)
+    w_x = jnp.concatenate([m[:, p:].T for m in order], axis=1)
     b = jnp.concatenate([biases[f"b_{n}"] for n in GATE_ORDER])
-    return LSTMParams(w_h, w_x, b, None if W_o is None else W_o.T, b_o)
+    return LSTMParams(w_h, w_x, b, None if W_o is None else W_o.T, b_o, None if W_hr is None else W_hr.T)

@@ -53,7 +53,9 @@ def prepare(
     if state is None:
         state = zero_state(params, batch)
     else:
-        state = check_state(state, batch, params.hidden_size, state_dtype(params.dtype), params.dtype)
+        state = check_state(
+            state, batch, params.hidden_size, state_dtype(params.dtype), params.dtype, params.output_size
+        )
     lengths = None
     if seq_lengths is not None:
         lengths = check_seq_lengths(seq_lengths, batch, num_steps)
@@ -80,7 +82,7 @@ def run_time_major(
     ``valid`` ``(T, *B)`` marks the steps that count (``None``: all); ``mask`` is the recurrent dropout mask.
     """
     if xs.shape[0] == 0:  # nothing to scan: no outputs, the state passes through (and so does its gradient)
-        return jnp.zeros(xs.shape[:-1] + (params.hidden_size,), xs.dtype), state
+        return jnp.zeros(xs.shape[:-1] + (params.output_size,), xs.dtype), state
     if valid is not None:
         xs = without_padding(xs, valid)
     if mask is not None:

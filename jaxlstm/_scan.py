@@ -35,7 +35,7 @@ def stacked_weight(params: LSTMParams, xs: Array) -> Array | None:
     """
     batch = math.prod(xs.shape[1:-1])
     limit = STACKED_MAX_ELEMENTS.get(jax.default_backend(), _DEFAULT_STACKED_MAX)
-    if batch * (params.hidden_size + params.input_size) > limit:
+    if batch * (params.output_size + params.input_size) > limit:
         return None
     return jnp.concatenate([params.w_h, params.w_x], axis=0)
 

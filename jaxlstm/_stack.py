@@ -129,7 +129,7 @@ def bidirectional(
     for name, p in (("forward", params.forward), ("backward", params.backward)):
         if not isinstance(p, LSTMParams):
             raise TypeError(f"BidirectionalParams.{name} must be jaxlstm.LSTMParams; received {describe(p)}.")
-    h_f, h_b = params.forward.hidden_size, params.backward.hidden_size
+    h_f, h_b = params.forward.output_size, params.backward.output_size
     if h_f != h_b and isinstance(merge, str) and merge != "concat":
         raise ValueError(
             f"merge={merge!r} adds or multiplies the two directions element by element, so both need one hidden "
@@ -202,6 +202,7 @@ def init_stack(
         )
     layers: list[Layer] = []
     size = input_size
+    out = init_kwargs.get("proj_size") or hidden_size  # the size of each layer's outputs
     for k in jax.random.split(key, num_layers):
         if bidirectional:
             kf, kb = jax.random.split(k)
@@ -211,10 +212,10 @@ def init_stack(
                     init_params(kb, size, hidden_size, **init_kwargs),
                 )
             )
-            size = 2 * hidden_size if merge == "concat" else hidden_size
+            size = 2 * out if merge == "concat" else out
         else:
             layers.append(init_params(k, size, hidden_size, **init_kwargs))
-            size = hidden_size
+            size = out
     return tuple(layers)
 
 
@@ -348,11 +349,11 @@ def _stack_layer(
         if use_recurrent and k_fwd is not None and k_bwd is not None:
             f, b = layer.forward, layer.backward
             masks = (
-                dropout_mask(k_fwd, recurrent_dropout_rate, batch + (f.hidden_size,), f.dtype),
-                dropout_mask(k_bwd, recurrent_dropout_rate, batch + (b.hidden_size,), b.dtype),
+                dropout_mask(k_fwd, recurrent_dropout_rate, batch + (f.output_size,), f.dtype),
+                dropout_mask(k_bwd, recurrent_dropout_rate, batch + (b.output_size,), b.dtype),
             )
         return bidirectional(layer, ys, state, merge=merge, recurrent_masks=masks, **kw)
     mask = None
     if use_recurrent and k_fwd is not None:
-        mask = dropout_mask(k_fwd, recurrent_dropout_rate, batch + (layer.hidden_size,), layer.dtype)
+        mask = dropout_mask(k_fwd, recurrent_dropout_rate, batch + (layer.output_size,), layer.dtype)
     return lstm(layer, ys, state, reverse=reverse, recurrent_mask=mask, **kw)

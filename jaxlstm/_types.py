@@ -5,7 +5,8 @@ Notation used for shapes throughout the package:
 * ``B`` batch size (any number of leading batch dimensions where stated)
 * ``T`` number of time steps
 * ``I`` input features
-* ``H`` hidden features (the size of both ``c`` and ``a``)
+* ``H`` hidden features (the size of ``c``, and of ``a`` unless projected)
+* ``P`` the size of ``a`` with a projection (LSTMP, ``proj_size``); ``P = H`` without
 
 Layout. The four maps of ``[a^{t-1}, x^t]`` in the cell's equations
 (``W_f1``, ``W_i``, ``W_f2``, ``W_f3``) are stored fused, in row-vector
@@ -17,6 +18,10 @@ orientation, as two matrices so that one step costs two matmuls::
 ``w_h`` is ``(H, 4H)``, ``w_x`` is ``(I, 4H)``, ``b`` is ``(4H,)``. The cell's
 output map ``W_o c + b_o`` is stored as ``w_o = W_o.T`` ``(H, H)`` and ``b_o``
 ``(H,)``; both are ``None`` for the classic cell (``tanh(c)``).
+
+With a projection (LSTMP, Sak et al., 2014; PyTorch's ``proj_size``) the
+hidden state is ``a^t = γ_o W_hr`` of size ``P``, stored as ``w_hr`` ``(H, P)``,
+and ``w_h`` is ``(P, 4H)``: it is ``a^t`` that is fed back.
 
 Names of the gate blocks follow the equations: ``f1`` (forget), ``i`` (the tanh
 candidate, ``tanh(W_i [a, x] + b_i)``), ``f2`` (the sigmoid that scales the
@@ -56,6 +61,8 @@ class LSTMParams(NamedTuple):
       w_o: ``(H, H)`` the output map, transposed (``W_o.T``), or
         ``None`` for the classic cell.
       b_o: ``(H,)`` the output map's bias, or ``None`` for the classic cell.
+      w_hr: ``(H, P)`` the projection of ``γ_o`` to the hidden state (LSTMP),
+        or ``None`` (no projection: ``a^t = γ_o``). With it, ``w_h`` is ``(P, 4H)``.
 
     Use :func:`init_params` or :func:`params_from_gates` to build one, and
     :meth:`gates` to read it back in the per-gate notation of the equations.
@@ -74,11 +81,22 @@ class LSTMParams(NamedTuple):
     b: Array
     w_o: Array | None = None
     b_o: Array | None = None
+    w_hr: Array | None = None
 
     @property
     def hidden_size(self) -> int:
-        """``H``."""
+        """``H``, the size of the cell state (and of the gates)."""
+        return int(self.w_h.shape[-1]) // 4
+
+    @property
+    def output_size(self) -> int:
+        """The size of the hidden state ``a`` (the outputs): ``P`` with a projection, else ``H``."""
         return int(self.w_h.shape[-2])
+
+    @property
+    def proj_size(self) -> int | None:
+        """``P``, or ``None`` without a projection."""
+        return None if self.w_hr is None else int(self.w_hr.shape[-1])
 
     @property
     def input_size(self) -> int:
@@ -102,7 +120,9 @@ class LSTMParams(NamedTuple):
           A dict with keys ``W_f1, b_f1, W_i, b_i, W_f2, b_f2, W_f3, b_f3`` (each
           ``W`` of shape ``(H, H + I)``, acting on ``[a^{t-1}, x^t]``, hidden part
           first; each ``b`` of shape ``(H,)``) and ``W_o`` ``(H, H)``, ``b_o``
-          ``(H,)``, which are ``None`` for the classic cell.
+          ``(H,)``, which are ``None`` for the classic cell; with a projection
+          each ``W`` is ``(H, P + I)`` and ``W_hr`` ``(P, H)`` (``a = W_hr γ_o``),
+          else ``W_hr`` is ``None``.
 
         Example:
           >>> import jax, jaxlstm
@@ -115,8 +135,8 @@ class LSTMParams(NamedTuple):
           True
         """
         h = self.hidden_size
-        if self.w_h.ndim != 2 or self.w_h.shape[1] != 4 * h:
-            raise ValueError(f"LSTMParams.w_h must have shape (H, 4H); received shape {self.w_h.shape}.")
+        if self.w_h.ndim != 2 or self.w_h.shape[1] % 4:
+            raise ValueError(f"LSTMParams.w_h must have shape (H, 4H) (or (P, 4H)); received shape {self.w_h.shape}.")
         out: dict[str, Array | None] = {}
         for k, name in enumerate(GATE_ORDER):
             cols = slice(k * h, (k + 1) * h)
@@ -124,6 +144,7 @@ class LSTMParams(NamedTuple):
             out[f"b_{name}"] = self.b[cols]
         out["W_o"] = None if self.w_o is None else self.w_o.T
         out["b_o"] = self.b_o
+        out["W_hr"] = None if self.w_hr is None else self.w_hr.T
         return out
 
 
@@ -132,7 +153,8 @@ class LSTMState(NamedTuple):
 
     Attributes:
       cell: ``(*B, H)`` the cell state ``c`` (long memory).
-      hidden: ``(*B, H)`` the hidden state ``a`` (short memory, the output).
+      hidden: ``(*B, H)`` the hidden state ``a`` (short memory, the output);
+        ``(*B, P)`` with a projection.
 
     Note the order: ``cell`` first, like Flax's ``(c, h)`` carry. PyTorch and
     Keras order their states ``(h, c)``; :mod:`jaxlstm` always names them.

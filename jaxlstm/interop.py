@@ -113,19 +113,25 @@ def _join(blocks: Mapping[str, Any], order: Sequence[str], axis: int):
     return jnp.concatenate([jnp.asarray(blocks[g]) for g in order], axis=axis)
 
 
-def _from_classic(wx: Mapping, wh: Mapping, b: Mapping, what: str = "converter") -> LSTMParams:
-    """Per-gate blocks in row-vector orientation (``wx[g]`` ``(I, H)``, ``wh[g]`` ``(H, H)``, ``b[g]`` ``(H,)``)."""
+def _from_classic(wx: Mapping, wh: Mapping, b: Mapping, what: str = "converter", w_hr: Any = None) -> LSTMParams:
+    """Per-gate blocks in row-vector orientation (``wx[g]`` ``(I, H)``, ``wh[g]`` ``(H, H)``, ``b[g]`` ``(H,)``).
+
+    With a projection ``w_hr`` ``(H, P)``, ``wh[g]`` is ``(P, H)``.
+    """
     wx, wh, b = ({g: jnp.asarray(m[g]) for g in _OURS} for m in (wx, wh, b))
     h = wh["f1"].shape[-1] if wh["f1"].ndim == 2 else -1
     i = wx["f1"].shape[0] if wx["f1"].ndim == 2 else -1
-    for name, blocks, shape in (("input kernel", wx, (i, h)), ("recurrent kernel", wh, (h, h)), ("bias", b, (h,))):
+    p = h if w_hr is None else int(jnp.shape(w_hr)[-1])
+    for name, blocks, shape in (("input kernel", wx, (i, h)), ("recurrent kernel", wh, (p, h)), ("bias", b, (h,))):
         for g in _OURS:
             if blocks[g].shape != shape or h < 1 or i < 1:
                 raise ValueError(
                     f"{what}: the {name} block of gate {g!r} has shape {blocks[g].shape}; expected {shape} "
                     f"(input size {i}, hidden size {h}). Nothing is broadcast: the weights do not describe one LSTM."
                 )
-    params = LSTMParams(_join(wh, _OURS, 1), _join(wx, _OURS, 1), _join(b, _OURS, 0))
+    params = LSTMParams(
+        _join(wh, _OURS, 1), _join(wx, _OURS, 1), _join(b, _OURS, 0), w_hr=None if w_hr is None else jnp.asarray(w_hr)
+    )
     return check_params(params)
 
 
@@ -153,8 +159,14 @@ def as_classic(params: LSTMParams) -> LSTMParams:
     )
 
 
-def _to_classic(params: LSTMParams):
+def _to_classic(params: LSTMParams, allow_projection: bool = False):
     p = as_classic(params)
+    if p.w_hr is not None and not allow_projection:
+        raise ValueError(
+            f"these params project the hidden state to P = {p.output_size} (LSTMP, w_hr); of the peers only "
+            "PyTorch's nn.LSTM (proj_size) has a projection. Export them with to_torch_lstm, or build the "
+            "layer without proj_size."
+        )
     return _blocks(p.w_x, _OURS, 1), _blocks(p.w_h, _OURS, 1), _blocks(p.b, _OURS, 0)
 
 
@@ -207,7 +219,14 @@ def _shape_of(sd: dict, key: str, expected: tuple, what: str) -> np.ndarray:
 
 def _torch_layer(sd: dict, suffix: str, input_size: int | None = None, what: str = "torch LSTM") -> LSTMParams:
     w_hh = _shape_of(sd, f"weight_hh{suffix}", (None, None), what)
-    h = w_hh.shape[1]
+    w_hr = None
+    if f"weight_hr{suffix}" in sd:  # proj_size > 0: weight_hh is (4H, P), weight_hr (P, H)
+        if w_hh.shape[0] % 4 or w_hh.shape[0] < 4:
+            raise ValueError(f"{what}: weight_hh{suffix} has shape {w_hh.shape}; expected (4H, P).")
+        h = w_hh.shape[0] // 4
+        w_hr = _shape_of(sd, f"weight_hr{suffix}", (w_hh.shape[1], h), what).T
+    else:
+        h = w_hh.shape[1]
     if h < 1 or w_hh.shape[0] != 4 * h:
         raise ValueError(f"{what}: weight_hh{suffix} has shape {w_hh.shape}; expected (4H, H).")
     w_ih = _shape_of(sd, f"weight_ih{suffix}", (4 * h, input_size), what)
@@ -220,18 +239,10 @@ def _torch_layer(sd: dict, suffix: str, input_size: int | None = None, what: str
     else:
         b = np.zeros((4 * h,), w_ih.dtype)
     order = TORCH_ORDER
-    return _from_classic(_blocks(w_ih.T, order, 1), _blocks(w_hh.T, order, 1), _blocks(b, order, 0))
+    return _from_classic(_blocks(w_ih.T, order, 1), _blocks(w_hh.T, order, 1), _blocks(b, order, 0), what, w_hr)
 
 
-def _refuse_projection(sd: dict) -> None:
-    if any(k.startswith("weight_hr") for k in sd):
-        raise ValueError(
-            "this torch.nn.LSTM has proj_size > 0 (weight_hr_l* present): jaxlstm's cell has no hidden-state "
-            "projection, so it cannot reproduce the model. Use proj_size=0."
-        )
-
-
-_TORCH_KEY = re.compile(r"^(weight_ih|weight_hh|bias_ih|bias_hh)_l(\d+)(_reverse)?$")
+_TORCH_KEY = re.compile(r"^(weight_ih|weight_hh|bias_ih|bias_hh|weight_hr)_l(\d+)(_reverse)?$")
 
 
 def _layer_number(key: str) -> int:
@@ -255,21 +266,23 @@ def from_torch_lstm(src) -> tuple:
     """
     what = "from_torch_lstm"
     sd = _state_dict(src)
-    _refuse_projection(sd)
     if not sd:
         raise ValueError(f"{what}: the state_dict is empty; pass a torch.nn.LSTM or its state_dict().")
     unknown = sorted(k for k in sd if not _TORCH_KEY.match(k))
     if unknown:
         raise ValueError(
             f"{what}: unexpected keys {unknown}; a torch.nn.LSTM state_dict holds only weight_ih_lK, weight_hh_lK, "
-            "bias_ih_lK, bias_hh_lK (and their _reverse twins). For a torch.nn.LSTMCell use from_torch_cell; "
+            "bias_ih_lK, bias_hh_lK, weight_hr_lK with proj_size (and their _reverse twins). "
+            "For a torch.nn.LSTMCell use from_torch_cell; "
             "for a model holding an LSTM, pass the LSTM submodule."
         )
     numbers = {_layer_number(k) for k in sd}
     num_layers = max(numbers) + 1
     bidirectional = any(k.endswith("_reverse") for k in sd)
     with_bias = any(k.startswith("bias") for k in sd)
+    projected = any(k.startswith("weight_hr") for k in sd)
     names = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if with_bias else [])
+    names += ["weight_hr"] if projected else []
     expected = {
         f"{n}_l{k}{d}"
         for k in range(num_layers)
@@ -297,12 +310,12 @@ def from_torch_lstm(src) -> tuple:
                     "the layers of one torch.nn.LSTM share one hidden_size."
                 )
         layers.append(BidirectionalParams(*directions) if bidirectional else directions[0])
-        size = len(directions) * hidden
+        size = len(directions) * directions[0].output_size
     return tuple(layers)
 
 
 def _torch_entries(params: LSTMParams, suffix: str, bias: bool) -> dict:
-    wx, wh, b = _to_classic(params)
+    wx, wh, b = _to_classic(params, allow_projection=True)
     order = TORCH_ORDER
     out = {
         f"weight_ih{suffix}": np.asarray(_join(wx, order, 1)).T,
@@ -314,6 +327,8 @@ def _torch_entries(params: LSTMParams, suffix: str, bias: bool) -> dict:
         out[f"bias_hh{suffix}"] = np.zeros_like(b)
     elif np.any(b != 0):
         raise ValueError("bias=False was asked for but these params have non-zero biases; export with bias=True.")
+    if params.w_hr is not None:
+        out[f"weight_hr{suffix}"] = np.asarray(params.w_hr).T
     return out
 
 
@@ -326,7 +341,7 @@ def to_torch_lstm(layers, *, bias: bool = True) -> OrderedDict:
     """Layers of the functional API -> a ``state_dict`` for ``torch.nn.LSTM``.
 
     Build the module with the matching ``input_size``, ``hidden_size``,
-    ``num_layers``, ``bidirectional`` and ``bias``, then
+    ``num_layers``, ``bidirectional``, ``bias`` and ``proj_size``, then
     ``module.load_state_dict(to_torch_lstm(layers))``. The whole bias goes to
     ``bias_ih``; ``bias_hh`` is zero.
     """

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from . import _flax_common as common
-from ._init import init_params, layer_initializers, param_shapes, zero_state
+from ._init import init_params, layer_initializers, param_shapes
 from ._types import BidirectionalParams, Initializer, LSTMParams, LSTMState
 
 
@@ -35,7 +35,7 @@ def _declare(module: nn.Module, input_size: int) -> LSTMParams:
         output_init=module.output_init,
         output_bias_init=module.output_bias_init,
     )
-    shapes = param_shapes(input_size, module.hidden_size, module.output_transform)
+    shapes = param_shapes(input_size, module.hidden_size, module.output_transform, module.proj_size)
     return LSTMParams(**{n: module.param(n, inits[n], shape, module.param_dtype) for n, shape in shapes.items()})
 
 
@@ -60,6 +60,8 @@ class LSTMCell(nn.RNNCellBase):
       param_dtype: parameter dtype.
       kernel_init, recurrent_init, bias_init, forget_bias, output_init,
         output_bias_init: see :func:`jaxlstm.init_params`.
+      proj_size: ``P``: project the hidden state (LSTMP); its carry is then
+        ``(c (*B, H), a (*B, P))``.
 
     Example:
       >>> import jax, jax.numpy as jnp, flax.linen as nn
@@ -81,6 +83,7 @@ class LSTMCell(nn.RNNCellBase):
     forget_bias: float = 1.0
     output_init: Initializer | None = None
     output_bias_init: Initializer | None = None
+    proj_size: int | None = None
 
     @nn.compact
     def __call__(self, carry: LSTMState, x: jax.Array) -> tuple[LSTMState, jax.Array]:
@@ -88,9 +91,10 @@ class LSTMCell(nn.RNNCellBase):
 
     @nn.nowrap
     def initialize_carry(self, rng: jax.Array, input_shape: tuple[int, ...]) -> LSTMState:
-        """Zeros of shape ``input_shape[:-1] + (H,)`` (``rng`` is unused)."""
+        """Zeros: the cell ``input_shape[:-1] + (H,)``, the hidden state ``(.., P)`` with a projection
+        (``rng`` is unused)."""
         del rng
-        return zero_state(self.hidden_size, tuple(input_shape[:-1]), self.param_dtype)
+        return common.zero_carry(input_shape[:-1], self.hidden_size, self.proj_size, self.param_dtype)
 
     @property
     def num_feature_axes(self) -> int:
@@ -137,6 +141,9 @@ class LSTM(nn.Module):
         ``initial_cell`` and ``initial_hidden`` of shape
         ``(num_layers, directions, H)`` (zeros at init), used for every
         sequence of the batch when the call gives no ``initial_state``.
+      proj_size: ``P``: every layer projects its hidden state to ``P``
+        features (LSTMP, as PyTorch's ``proj_size``); outputs have ``P``
+        features (``2P`` concatenated when bidirectional).
 
     Call: ``model.apply(variables, xs, initial_state=None, *, seq_lengths=None, mask=None,
     deterministic=None, return_state=False)``. ``xs`` is ``(B, T, I)`` (or
@@ -180,6 +187,7 @@ class LSTM(nn.Module):
     checkpoint_every: int | None = None
     backward: str | None = None
     learn_initial_state: bool = False
+    proj_size: int | None = None
 
     def _declare_layer(self, name: str, input_size: int) -> LSTMParams:
         """One direction of one layer as a single parameter entry (initialised by :func:`jaxlstm.init_params`)."""
@@ -197,6 +205,7 @@ class LSTM(nn.Module):
                 forget_bias=self.forget_bias,
                 output_init=self.output_init,
                 output_bias_init=self.output_bias_init,
+                proj_size=self.proj_size,
             )
             return LSTMCell.from_params(params)
 
@@ -222,7 +231,7 @@ class LSTM(nn.Module):
         time_major = self.time_major if time_major is None else time_major
         xs = jnp.asarray(xs)
         sizes = common.layer_input_sizes(
-            xs.shape[-1], self.hidden_size, self.num_layers, self.bidirectional, self.merge
+            xs.shape[-1], self.hidden_size, self.num_layers, self.bidirectional, self.merge, self.proj_size
         )
         layers: list[Any] = []
         for k, size in enumerate(sizes):
@@ -235,6 +244,7 @@ class LSTM(nn.Module):
         if self.learn_initial_state:
             shape = common.initial_state_shape(self.num_layers, self.bidirectional, self.hidden_size)
             cell = self.param("initial_cell", nn.initializers.zeros, shape, self.param_dtype)
+            shape = common.initial_state_shape(self.num_layers, self.bidirectional, self.proj_size or self.hidden_size)
             hidden = self.param("initial_hidden", nn.initializers.zeros, shape, self.param_dtype)
             if initial_state is None:
                 initial_state = common.learned_states(cell, hidden, xs, time_major, self.bidirectional)
@@ -324,7 +334,13 @@ class LSTM(nn.Module):
         """
         del rng
         return common.zero_states(
-            input_shape, self.hidden_size, self.num_layers, self.bidirectional, self.time_major, self.param_dtype
+            input_shape,
+            self.hidden_size,
+            self.num_layers,
+            self.bidirectional,
+            self.time_major,
+            self.param_dtype,
+            self.proj_size,
         )
 
 

@@ -17,7 +17,7 @@ from flax import nnx
 
 from . import _flax_common as common
 from ._checks import check_rate
-from ._init import layer_initializers, param_shapes, zero_state
+from ._init import layer_initializers, param_shapes
 from ._types import BidirectionalParams, Initializer, LSTMParams, LSTMState
 
 
@@ -43,6 +43,8 @@ class LSTMCell(nnx.RNNCellBase):
       param_dtype: parameter dtype.
       kernel_init, recurrent_init, bias_init, forget_bias, output_init,
         output_bias_init: see :func:`jaxlstm.init_params`.
+      proj_size: ``P``: project the hidden state (LSTMP); the carry is then
+        ``(c (*B, H), a (*B, P))``.
       rngs: ``nnx.Rngs`` (its ``params`` stream initialises the weights).
 
     Example:
@@ -68,10 +70,12 @@ class LSTMCell(nnx.RNNCellBase):
         forget_bias: float = 1.0,
         output_init: Initializer | None = None,
         output_bias_init: Initializer | None = None,
+        proj_size: int | None = None,
         rngs: nnx.Rngs,
     ):
         self.in_features = in_features
         self.hidden_size = hidden_size
+        self.proj_size = proj_size
         self.dtype = dtype
         self.param_dtype = param_dtype
         inits = layer_initializers(
@@ -82,7 +86,7 @@ class LSTMCell(nnx.RNNCellBase):
             output_init=output_init,
             output_bias_init=output_bias_init,
         )
-        shapes = param_shapes(in_features, hidden_size, output_transform)
+        shapes = param_shapes(in_features, hidden_size, output_transform, proj_size)
         for name in LSTMParams._fields:
             if name in shapes:
                 setattr(self, name, nnx.Param(inits[name](rngs.params(), shapes[name], param_dtype)))
@@ -101,8 +105,11 @@ class LSTMCell(nnx.RNNCellBase):
         for name, value in zip(LSTMParams._fields, params):
             current = getattr(self, name)
             if (current is None) != (value is None):
-                kind = "seed" if getattr(self, "w_o", None) is not None else "classic"
-                raise ValueError(f"cannot set {name}: this is a {kind} cell and the params describe the other kind.")
+                has = "has no" if current is None else "has a"
+                raise ValueError(
+                    f"cannot set {name}: this cell {has} {name} and the params describe another kind of cell "
+                    "(w_o, b_o: the output map; w_hr: the projection)."
+                )
             if value is not None:
                 if value.shape != current[...].shape:
                     raise ValueError(f"{name} has shape {value.shape}; this cell expects {current[...].shape}.")
@@ -112,19 +119,21 @@ class LSTMCell(nnx.RNNCellBase):
         return common.cell_step(self.params, carry, x, self.dtype, self.param_dtype)
 
     def initialize_carry(self, input_shape: tuple[int, ...], rngs: Any = None, carry_init: Any = None) -> LSTMState:
-        """The initial carry for inputs of ``input_shape``: each field ``input_shape[:-1] + (H,)``.
+        """The initial carry for inputs of ``input_shape``: ``input_shape[:-1] + (H,)`` (``P`` for the hidden
+        state with a projection).
 
         Zeros by default. With ``carry_init`` (an initializer ``init(key, shape,
         dtype)``, as in Flax's cells) both fields are drawn from it with keys
         from ``rngs`` (``nnx.Rngs``, its ``carry`` stream if it has one).
         """
+        batch = tuple(input_shape[:-1])
         if carry_init is None:
-            return zero_state(self.hidden_size, tuple(input_shape[:-1]), self.param_dtype)
+            return common.zero_carry(batch, self.hidden_size, self.proj_size, self.param_dtype)
         if rngs is None:
             raise ValueError("initialize_carry: carry_init needs rngs (an nnx.Rngs) to draw the carry from.")
         stream = rngs.carry if "carry" in rngs else rngs.default
-        shape = tuple(input_shape[:-1]) + (self.hidden_size,)
-        return LSTMState(carry_init(stream(), shape, self.param_dtype), carry_init(stream(), shape, self.param_dtype))
+        cell = carry_init(stream(), batch + (self.hidden_size,), self.param_dtype)
+        return LSTMState(cell, carry_init(stream(), batch + (self.proj_size or self.hidden_size,), self.param_dtype))
 
     @property
     def num_feature_axes(self) -> int:
@@ -141,6 +150,7 @@ class LSTM(nnx.Module):
         recurrent_dropout_rate, dtype, param_dtype, initializers, unroll,
         reverse, time_major, bptt, checkpoint_every: as in
         :class:`jaxlstm.linen.LSTM`; ``reverse`` and ``time_major`` can be overridden per call.
+      proj_size: ``P``: every layer projects its hidden state to ``P`` features (LSTMP).
       learn_initial_state: trainable initial states ``initial_cell`` and
         ``initial_hidden`` ``(num_layers, directions, H)`` (zeros at init),
         as in :class:`jaxlstm.linen.LSTM`.
@@ -192,13 +202,15 @@ class LSTM(nnx.Module):
         checkpoint_every: int | None = None,
         backward: str | None = None,
         learn_initial_state: bool = False,
+        proj_size: int | None = None,
         rngs: nnx.Rngs,
     ):
-        sizes = common.layer_input_sizes(in_features, hidden_size, num_layers, bidirectional, merge)
+        sizes = common.layer_input_sizes(in_features, hidden_size, num_layers, bidirectional, merge, proj_size)
         check_rate(dropout_rate, "dropout_rate")
         check_rate(recurrent_dropout_rate, "recurrent_dropout_rate")
         self.in_features = in_features
         self.hidden_size = hidden_size
+        self.proj_size = proj_size
         self.num_layers = num_layers
         self.bidirectional = bidirectional
         self.merge = merge
@@ -223,6 +235,7 @@ class LSTM(nnx.Module):
             forget_bias=forget_bias,
             output_init=output_init,
             output_bias_init=output_bias_init,
+            proj_size=proj_size,
             rngs=rngs,
         )
         self.forward_cells = nnx.List([LSTMCell(size, hidden_size, **cell_kw) for size in sizes])
@@ -233,6 +246,7 @@ class LSTM(nnx.Module):
         if learn_initial_state:
             shape = common.initial_state_shape(num_layers, bidirectional, hidden_size)
             self.initial_cell = nnx.Param(jnp.zeros(shape, param_dtype))
+            shape = common.initial_state_shape(num_layers, bidirectional, proj_size or hidden_size)
             self.initial_hidden = nnx.Param(jnp.zeros(shape, param_dtype))
         else:
             self.initial_cell = nnx.data(None)  # type: ignore[arg-type]
@@ -272,7 +286,13 @@ class LSTM(nnx.Module):
         """
         del rngs
         return common.zero_states(
-            input_shape, self.hidden_size, self.num_layers, self.bidirectional, self.time_major, self.param_dtype
+            input_shape,
+            self.hidden_size,
+            self.num_layers,
+            self.bidirectional,
+            self.time_major,
+            self.param_dtype,
+            self.proj_size,
         )
 
     def __call__(

@@ -24,6 +24,12 @@ def peer_promotion():
         yield
 
 
+@pytest.fixture
+def torch():
+    """PyTorch, or a visible skip where it is not installed (only the PyTorch tests need it)."""
+    return pytest.importorskip("torch", reason="PyTorch not installed: pip install 'jaxlstm[interop]'")
+
+
 #: A parametrized test runs this many of its cases in the fast tier (spread over its grid); the
 #: slow tier (CI) runs them all. Each case compiles its own programs, which is what costs the time.
 FAST_CASES_PER_TEST = 2

@@ -58,12 +58,6 @@ def test_state_order_helpers():
 # ------------------------------------------------------------------ PyTorch
 
 
-@pytest.fixture
-def torch():
-    """PyTorch, or a visible skip where it is not installed (only the PyTorch tests need it)."""
-    return pytest.importorskip("torch", reason="PyTorch not installed: pip install 'jaxlstm[interop]'")
-
-
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("num_layers,bidirectional", [(1, False), (2, False), (2, True)])
 @pytest.mark.parametrize("batch_first", [True, False])
@@ -132,12 +126,6 @@ def test_torch_cell_and_bias_false(torch):
     nb2.load_state_dict(interop.to_torch_lstm(layers, bias=False))
     with pytest.raises(ValueError, match="non-zero biases"):
         interop.to_torch_lstm((classic(dtype=jnp.float64),), bias=False)
-
-
-def test_torch_projection_refused(torch):
-    m = torch.nn.LSTM(I, H, proj_size=2)
-    with pytest.raises(ValueError, match="proj_size > 0"):
-        interop.from_torch_lstm(m)
 
 
 # ------------------------------------------------------------------ Keras 3

@@ -12,18 +12,21 @@ def sigmoid(z):
     return 1.0 / (1.0 + np.exp(-z))
 
 
-def random_gates(rng, input_size, hidden_size, *, seed_cell=True, scale=0.5):
-    """Per-gate weights in the seed's notation, float64."""
+def random_gates(rng, input_size, hidden_size, *, seed_cell=True, scale=0.5, proj_size=None):
+    """Per-gate weights in the seed's notation, float64 (with ``proj_size``: ``W_hr`` (P, H), LSTMP)."""
     h, i = hidden_size, input_size
+    p = h if proj_size is None else proj_size
     g = {}
     for name in ("f1", "i", "f2", "f3"):
-        g[f"W_{name}"] = rng.normal(0.0, scale, (h, h + i))
+        g[f"W_{name}"] = rng.normal(0.0, scale, (h, p + i))
         g[f"b_{name}"] = rng.normal(0.0, scale, (h,))
     if seed_cell:
         g["W_o"] = rng.normal(0.0, scale, (h, h))
         g["b_o"] = rng.normal(0.0, scale, (h,))
     else:
         g["W_o"] = g["b_o"] = None
+    if proj_size is not None:
+        g["W_hr"] = rng.normal(0.0, scale, (p, h))
     return g
 
 
@@ -43,6 +46,8 @@ def gate_values(g, a_prev, x, c_prev):
 
 def step(g, c_prev, a_prev, x):
     _, _, c, gamma_o = gate_values(g, a_prev, x, c_prev)
+    if g.get("W_hr") is not None:  # LSTMP: the hidden state is the projected output gate
+        return c, g["W_hr"] @ gamma_o
     return c, gamma_o
 
 

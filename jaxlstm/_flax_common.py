@@ -122,6 +122,7 @@ def run(
     recurrent_dropout_rate: float,
     dropout_key: Any | None,
     backward: str | None = None,
+    impl: str = "auto",
 ) -> tuple[Array, tuple]:
     """Cast to the compute dtype and run :func:`jaxlstm.lstm_stack`."""
     xs = jnp.asarray(xs)
@@ -148,6 +149,7 @@ def run(
         recurrent_dropout_rate=recurrent_dropout_rate,
         dropout_key=dropout_key,
         backward=backward,
+        impl=impl,
     )
 
 

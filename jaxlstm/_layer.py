@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from . import _cudnn
 from ._bptt import checkpointed, fused
 from ._checks import (
     check_bptt,
@@ -99,6 +100,66 @@ def run_time_major(
     return checkpointed(params, xs, state, valid, mask, reverse, unroll, checkpoint_every)
 
 
+#: The ``impl`` options (see :func:`jaxlstm.lstm`).
+IMPLS = ("auto", "scan", "cudnn")
+
+
+def choose_impl(
+    impl: str,
+    params: LSTMParams,
+    xs: Array,
+    lengths: Array | None,
+    step_mask: Array | None,
+    recurrent_mask: Array | None,
+    *,
+    reverse: bool,
+    time_major: bool,
+    bptt: str,
+    checkpoint_every: int | None,
+    explicit_bptt: bool,
+) -> str:
+    """The implementation a layer call runs: ``"scan"`` or ``"cudnn"`` (decided at trace time, per platform).
+
+    ``auto`` takes cuDNN on a CUDA GPU wherever it computes exactly this call
+    (classic cell, forwards, no mask, no projection or recurrent dropout, no
+    ``seq_lengths``: zero lengths trouble cuDNN) and the scan everywhere else.
+    Not yet measured on a GPU: the size thresholds of ``auto`` are to be set
+    from ``benchmarks/device.py``.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}; received {impl!r}.")
+    if impl == "scan":
+        return "scan"
+    reasons = _cudnn.unsupported(
+        params, xs, reverse=reverse, step_mask=step_mask, recurrent_mask=recurrent_mask, time_major=time_major
+    )
+    if impl == "cudnn":
+        if not _cudnn.available():
+            raise ValueError(
+                f"impl='cudnn' needs a CUDA GPU with jaxlib's cuDNN RNN kernels; this process runs on "
+                f"{jax.default_backend()!r}. Use impl='auto' (cuDNN where available, the scan elsewhere)."
+            )
+        if explicit_bptt and bptt != "custom":
+            reasons.append("no bptt='autodiff' (cuDNN has its own backward pass; reverse mode only)")
+        if checkpoint_every is not None:
+            reasons.append("no checkpoint_every (cuDNN keeps its own reserve space)")
+        if reasons:
+            raise ValueError("impl='cudnn' cannot run this call; cuDNN needs: " + "; ".join(reasons) + ".")
+        return "cudnn"
+    usable = not reasons and lengths is None and bptt == "custom" and checkpoint_every is None
+    return "cudnn" if usable and _cudnn.available() else "scan"
+
+
+@functools.partial(jax.jit, static_argnames=("time_major",))
+def _cudnn_jit(
+    params: LSTMParams, xs: Array, state: LSTMState, lengths: Array | None, *, time_major: bool
+) -> tuple[Array, LSTMState]:
+    if time_major:
+        xs = jnp.swapaxes(xs, 0, 1)
+    hs, final = _cudnn.lstm(params, xs, state, lengths)
+    return (jnp.swapaxes(hs, 0, 1) if time_major else hs), final
+
+
 @functools.partial(jax.jit, static_argnames=("reverse", "time_major", "unroll", "bptt", "checkpoint_every"))
 def _lstm_jit(
     params: LSTMParams,
@@ -140,6 +201,7 @@ def lstm(
     checkpoint_every: int | None = None,
     recurrent_mask: Array | None = None,
     backward: str | None = None,
+    impl: str = "auto",
 ) -> tuple[Array, LSTMState]:
     """Run one LSTM layer over a sequence (``jax.lax.scan``, jit-compiled).
 
@@ -190,6 +252,14 @@ def lstm(
         gradient).
       backward: deprecated name of ``bptt`` (``"fused"`` is ``"custom"``); it
         warns and will be removed in the next release.
+      impl: ``"auto"`` (default), ``"scan"`` or ``"cudnn"``. ``"scan"`` is
+        jaxlstm's own ``lax.scan`` (every platform, every option above).
+        ``"cudnn"`` runs the layer through cuDNN's persistent LSTM kernels
+        (``jax.experimental.rnn``) on a CUDA GPU: the classic cell only,
+        forwards, without ``mask``, projection or ``recurrent_mask``; anything
+        else raises. ``"auto"`` takes cuDNN on a CUDA GPU where it computes
+        exactly the same (and no ``seq_lengths`` are given, since cuDNN
+        mishandles zero lengths), the scan otherwise. Chosen at trace time.
 
     Returns:
       ``(hiddens, final_state)``: ``hiddens`` in the layout of ``xs`` with
@@ -209,11 +279,27 @@ def lstm(
       >>> bool((hs[1, 4:] == 0).all())
       True
     """
+    explicit_bptt = bptt is not None or backward is not None
     bptt = resolve_bptt(bptt, backward)
     xs, state, lengths, step_mask = prepare(params, xs, state, seq_lengths, time_major, unroll, mask)
     check_bptt(bptt, checkpoint_every)
     if recurrent_mask is not None:
         recurrent_mask = check_mask(recurrent_mask, state.hidden.shape, params.dtype)
+    chosen = choose_impl(
+        impl,
+        params,
+        xs,
+        lengths,
+        step_mask,
+        recurrent_mask,
+        reverse=bool(reverse),
+        time_major=bool(time_major),
+        bptt=bptt,
+        checkpoint_every=checkpoint_every,
+        explicit_bptt=explicit_bptt,
+    )
+    if chosen == "cudnn":  # pragma: no cover - needs a CUDA GPU
+        return _cudnn_jit(params, xs, state, lengths, time_major=bool(time_major))
     try:
         return _lstm_jit(
             params,

@@ -87,6 +87,7 @@ def bidirectional(
     checkpoint_every: int | None = None,
     recurrent_masks: tuple[Array, Array] | None = None,
     backward: str | None = None,
+    impl: str = "auto",
 ) -> tuple[Any, BidirectionalState]:
     """A bidirectional LSTM layer: one pass forwards, one backwards, merged.
 
@@ -108,6 +109,7 @@ def bidirectional(
       time_major, unroll, bptt, checkpoint_every: as in :func:`jaxlstm.lstm`.
       recurrent_masks: optional pair ``(forward_mask, backward_mask)``, each
         a ``recurrent_mask`` for :func:`jaxlstm.lstm`.
+      impl: as in :func:`jaxlstm.lstm`, for each direction.
 
     Returns:
       ``(outputs, BidirectionalState(forward_final, backward_final))``.
@@ -151,6 +153,7 @@ def bidirectional(
         unroll=unroll,
         bptt=bptt,
         checkpoint_every=checkpoint_every,
+        impl=impl,
     )
     mask_f, mask_b = (None, None) if recurrent_masks is None else recurrent_masks
     with _naming("bidirectional: forward direction: "):
@@ -236,6 +239,7 @@ def lstm_stack(
     recurrent_dropout_rate: float = 0.0,
     dropout_key: Array | None = None,
     backward: str | None = None,
+    impl: str = "auto",
 ) -> tuple[Array, tuple[LayerState, ...]]:
     """Run a stack of LSTM layers, each feeding the next.
 
@@ -264,6 +268,7 @@ def lstm_stack(
         same at every time step (see ``recurrent_mask`` in :func:`jaxlstm.lstm`).
       dropout_key: PRNG key; dropout of either kind is applied only when it is
         given (training) and its rate is positive.
+      impl: as in :func:`jaxlstm.lstm`, for every layer.
 
     Returns:
       ``(outputs, final_states)``: the last layer's outputs and a tuple with
@@ -310,6 +315,7 @@ def lstm_stack(
             unroll=unroll,
             bptt=bptt,
             checkpoint_every=checkpoint_every,
+            impl=impl,
         )
         if not isinstance(layer, (BidirectionalParams, LSTMParams)):
             raise TypeError(f"lstm_stack: layer {n} is {describe(layer)}; expected LSTMParams or BidirectionalParams.")

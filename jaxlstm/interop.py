@@ -24,7 +24,10 @@ Haiku         ``linear/w (I + H, 4H)`` over ``[x, h]``,    i g f o      split ro
 
 The output-map cell's ``W_o`` cannot be expressed by these formats: exporting
 params with ``w_o``/``b_o`` raises, unless ``w_o`` is exactly the identity and
-``b_o`` exactly zero (then the cell *is* the classic cell).
+``b_o`` exactly zero (then the cell *is* the classic cell). A projection
+(``w_hr``, PyTorch's ``proj_size``: ``weight_hr (P, H)``, ``weight_hh (4H, P)``)
+converts to and from PyTorch only. Keras ``Bidirectional(LSTM)`` layers convert
+with :func:`from_keras_bidirectional` / :func:`to_keras_bidirectional`.
 
 Carry order: jaxlstm and Flax use ``(cell, hidden)``; PyTorch, Keras, Equinox
 and Haiku use ``(hidden, cell)``. :func:`state_to_hc` / :func:`state_from_hc`
@@ -55,6 +58,9 @@ __all__ = [
     "jax_states_to_torch",
     "from_keras",
     "to_keras",
+    "from_keras_bidirectional",
+    "to_keras_bidirectional",
+    "KERAS_MERGE",
     "from_flax_linen",
     "to_flax_linen",
     "from_flax_nnx",
@@ -440,6 +446,36 @@ def to_keras(params: LSTMParams, *, use_bias: bool = True) -> list:
     elif np.any(bias != 0):
         raise ValueError("use_bias=False was asked for but these params have non-zero biases.")
     return out
+
+
+#: Keras ``Bidirectional(merge_mode=...)`` -> the ``merge`` of :func:`jaxlstm.bidirectional`.
+KERAS_MERGE = {"concat": "concat", "sum": "sum", "mul": "mul", "ave": "mean", None: None}
+
+
+def from_keras_bidirectional(src) -> BidirectionalParams:
+    """A ``keras.layers.Bidirectional(keras.layers.LSTM(...))`` (or its weight list) -> :class:`BidirectionalParams`.
+
+    Run it with ``jaxlstm.bidirectional(params, xs, merge=KERAS_MERGE[layer.merge_mode])``;
+    Keras' backward layer reads time reversed and its outputs are put back in
+    time order, which is what jaxlstm's backward direction does.
+    """
+    if hasattr(src, "forward_layer") and hasattr(src, "backward_layer"):
+        return BidirectionalParams(from_keras(src.forward_layer), from_keras(src.backward_layer))
+    weights = list(src)
+    if len(weights) not in (4, 6):
+        raise ValueError(
+            "from_keras_bidirectional: expected the forward then the backward LSTM's [kernel, recurrent_kernel"
+            f"(, bias)], 4 or 6 arrays; received {len(weights)}."
+        )
+    half = len(weights) // 2
+    return BidirectionalParams(from_keras(weights[:half]), from_keras(weights[half:]))
+
+
+def to_keras_bidirectional(params: BidirectionalParams, *, use_bias: bool = True) -> list:
+    """:class:`BidirectionalParams` -> the weight list of ``keras.layers.Bidirectional(LSTM(H))`` (``set_weights``)."""
+    if not isinstance(params, BidirectionalParams):
+        raise TypeError(f"to_keras_bidirectional expects jaxlstm.BidirectionalParams; received {_describe(params)}.")
+    return to_keras(params.forward, use_bias=use_bias) + to_keras(params.backward, use_bias=use_bias)
 
 
 # ------------------------------------------------------------------ Flax

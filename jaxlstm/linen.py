@@ -141,6 +141,7 @@ class LSTM(nn.Module):
         ``initial_cell`` and ``initial_hidden`` of shape
         ``(num_layers, directions, H)`` (zeros at init), used for every
         sequence of the batch when the call gives no ``initial_state``.
+      impl: ``"auto"``, ``"scan"`` or ``"cudnn"`` (see :func:`jaxlstm.lstm`).
       proj_size: ``P``: every layer projects its hidden state to ``P``
         features (LSTMP, as PyTorch's ``proj_size``); outputs have ``P``
         features (``2P`` concatenated when bidirectional).
@@ -188,6 +189,7 @@ class LSTM(nn.Module):
     backward: str | None = None
     learn_initial_state: bool = False
     proj_size: int | None = None
+    impl: str = "auto"
 
     def _declare_layer(self, name: str, input_size: int) -> LSTMParams:
         """One direction of one layer as a single parameter entry (initialised by :func:`jaxlstm.init_params`)."""
@@ -269,6 +271,7 @@ class LSTM(nn.Module):
             dropout_rate=self.dropout_rate,
             recurrent_dropout_rate=self.recurrent_dropout_rate,
             dropout_key=key,
+            impl=self.impl,
         )
         return (ys, states) if return_state else ys
 

@@ -151,6 +151,7 @@ class LSTM(nnx.Module):
         reverse, time_major, bptt, checkpoint_every: as in
         :class:`jaxlstm.linen.LSTM`; ``reverse`` and ``time_major`` can be overridden per call.
       proj_size: ``P``: every layer projects its hidden state to ``P`` features (LSTMP).
+      impl: ``"auto"``, ``"scan"`` or ``"cudnn"`` (see :func:`jaxlstm.lstm`).
       learn_initial_state: trainable initial states ``initial_cell`` and
         ``initial_hidden`` ``(num_layers, directions, H)`` (zeros at init),
         as in :class:`jaxlstm.linen.LSTM`.
@@ -203,6 +204,7 @@ class LSTM(nnx.Module):
         backward: str | None = None,
         learn_initial_state: bool = False,
         proj_size: int | None = None,
+        impl: str = "auto",
         rngs: nnx.Rngs,
     ):
         sizes = common.layer_input_sizes(in_features, hidden_size, num_layers, bidirectional, merge, proj_size)
@@ -211,6 +213,7 @@ class LSTM(nnx.Module):
         self.in_features = in_features
         self.hidden_size = hidden_size
         self.proj_size = proj_size
+        self.impl = impl
         self.num_layers = num_layers
         self.bidirectional = bidirectional
         self.merge = merge
@@ -341,6 +344,7 @@ class LSTM(nnx.Module):
             dropout_rate=self.dropout_rate,
             recurrent_dropout_rate=self.recurrent_dropout_rate,
             dropout_key=key,
+            impl=self.impl,
         )
         return (ys, states) if return_state else ys
 

@@ -336,3 +336,24 @@ def test_keras_parity_with_mask(go_backwards, peer_promotion):
     np.testing.assert_allclose(np.asarray(ys)[valid], out[valid], **F32)  # Keras repeats an output at masked steps
     np.testing.assert_allclose(final.hidden, np.asarray(hn), **F32)
     np.testing.assert_allclose(final.cell, np.asarray(cn), **F32)
+
+
+@pytest.mark.parametrize("merge_mode", ["concat", "ave"])
+def test_keras_bidirectional_parity_and_round_trip(merge_mode, peer_promotion):
+    keras = pytest.importorskip("keras", reason="Keras not installed")
+    layer = keras.layers.Bidirectional(keras.layers.LSTM(H, return_sequences=True), merge_mode=merge_mode)
+    x = rand((B, T, I), "float32", 16)
+    valid = np.ones((B, T), bool)
+    valid[1, 4:] = False  # right padding
+    valid[2, :3] = False  # left padding
+    layer(x)
+    rng = np.random.default_rng(17)
+    layer.set_weights([rng.normal(size=tuple(w.shape)).astype("float32") * 0.5 for w in layer.weights])
+    out = np.asarray(layer(x, mask=valid))
+    p = interop.from_keras_bidirectional(layer)
+    ys, _ = jaxlstm.bidirectional(p, jnp.asarray(x), mask=jnp.asarray(valid), merge=interop.KERAS_MERGE[merge_mode])
+    np.testing.assert_allclose(np.asarray(ys)[valid], out[valid], **F32)
+    mine = jaxlstm.BidirectionalParams(classic(), classic(seed=1))
+    layer.set_weights(interop.to_keras_bidirectional(mine))
+    assert_bitwise(interop.from_keras_bidirectional(layer), mine)
+    assert_bitwise(interop.from_keras_bidirectional(interop.to_keras_bidirectional(mine)), mine)

@@ -55,7 +55,7 @@ def test_bfloat16_gradients_summed_in_float32(bptt, checkpoint_every):
 
         g32 = jax.grad(loss)(p32, xs16.astype(jnp.float32))
         g16 = jax.grad(loss)(p16, xs16)
-        for name, a, b in zip(jaxlstm.LSTMParams._fields, g16, g32):
+        for name, a, b in ((n, a, b) for n, a, b in zip(jaxlstm.LSTMParams._fields, g16, g32) if a is not None):
             assert a.dtype == jnp.bfloat16, name
             scale = float(jnp.abs(b).max())
             assert float(jnp.abs(a.astype(jnp.float32) - b).max()) <= 2e-2 * scale, name

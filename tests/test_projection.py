@@ -109,9 +109,10 @@ def test_torch_proj_size_parity_outputs_states_and_input_gradients(torch, bidire
 
 @pytest.mark.parametrize("api", ["linen", "nnx"])
 def test_modules_with_proj_size_equal_the_functional_stack(api):
+    from flax import nnx
+
     import jaxlstm.linen as jl
     import jaxlstm.nnx as jn
-    from flax import nnx
 
     xs = jax.random.normal(jax.random.key(1), (B, T, I), jnp.float64)
     kw = dict(num_layers=2, bidirectional=True, proj_size=P, param_dtype=jnp.float64, learn_initial_state=True)

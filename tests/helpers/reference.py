@@ -25,8 +25,7 @@ def random_gates(rng, input_size, hidden_size, *, seed_cell=True, scale=0.5, pro
         g["b_o"] = rng.normal(0.0, scale, (h,))
     else:
         g["W_o"] = g["b_o"] = None
-    if proj_size is not None:
-        g["W_hr"] = rng.normal(0.0, scale, (p, h))
+    g["W_hr"] = None if proj_size is None else rng.normal(0.0, scale, (p, h))
     return g
 
 

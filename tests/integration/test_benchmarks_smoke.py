@@ -89,3 +89,20 @@ def test_cpu_effects_script_writes_its_table(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     text = (tmp_path / "cpu_effects.md").read_text()
     assert "us/step" in text and "fresh buffer vs in place" in text
+
+
+def test_device_script_runs_on_the_cpu_and_names_what_it_skips(tmp_path):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "device.py"), "--smoke", "--out", str(tmp_path)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT / "benchmarks")
+    assert out.returncode == 0, out.stderr[-2000:]
+    data = json.loads((tmp_path / "device.json").read_text())
+    measured = {(r["impl"], r["dtype"]) for r in data["rows"] if "skipped" not in r}
+    for dtype in ("float32", "bfloat16"):
+        for impl in ("jaxlstm scan (output-map cell)", "jaxlstm scan (classic)", "flax OptimizedLSTMCell"):
+            assert (impl, dtype) in measured
+    skipped = {r["impl"]: r["skipped"] for r in data["rows"] if "skipped" in r}
+    if data["device"].endswith("(cpu)"):
+        assert (
+            "CUDA GPU" in skipped["jaxlstm cudnn (classic)"] and "CUDA GPU" in skipped["cuDNN (jax.experimental.rnn)"]
+        )
+    assert "| 2, 6, 4, 4 | bfloat16 | jaxlstm scan (classic) |" in (tmp_path / "device.md").read_text()

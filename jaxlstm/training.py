@@ -273,6 +273,21 @@ def _first_line(e: BaseException, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+@contextlib.contextmanager
+def _quiet_absl(active: bool):
+    """absl (orbax's logger) above warnings while active."""
+    import logging
+
+    logger = logging.getLogger("absl")
+    level = logger.level
+    if active:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 class Checkpointer:
     """orbax-checkpoint behind three calls: ``save``, ``latest_step``, ``restore``; checkpoints you can trust.
 
@@ -302,6 +317,10 @@ class Checkpointer:
         self._open()
 
     def _open(self) -> None:
+        with _quiet_absl(self.read_only):  # orbax warns that a read-only directory is read only
+            self._open_manager()
+
+    def _open_manager(self) -> None:
         ocp = self._ocp
         options = ocp.CheckpointManagerOptions(
             max_to_keep=None if self.read_only else self.keep,
@@ -698,7 +717,7 @@ def fit(
       CheckpointError: resuming found checkpoints but none intact, or ones of
         another model.
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # the text bar: it needs no notebook widgets
 
     if not callable(batch_fn):
         batch_fn = batches_from(batch_fn)

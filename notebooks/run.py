@@ -15,9 +15,27 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
+import re
 import sys
+import tempfile
 
 HERE = pathlib.Path(__file__).resolve().parent
+
+
+_TMP = re.compile(re.escape(tempfile.gettempdir()) + r"/[^/\s'\"]+")
+
+
+def _clean(text: str) -> str:
+    """Text with this machine's paths replaced: temporary folders by ``<tmp>``, the repository by ``.``."""
+    return _TMP.sub("<tmp>", text.replace(str(HERE.parent), "."))
+
+
+def _without_local_paths(output) -> None:
+    if "text" in output:
+        output["text"] = _clean(output["text"])
+    for key, value in output.get("data", {}).items():
+        if key.startswith("text/") and isinstance(value, str):
+            output["data"][key] = _clean(value)
 
 
 def run(path: pathlib.Path, *, quick: bool, write: bool) -> int:
@@ -25,7 +43,7 @@ def run(path: pathlib.Path, *, quick: bool, write: bool) -> int:
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
 
-    os.environ["MPLBACKEND"] = "Agg"
+    os.environ.pop("MPLBACKEND", None)  # the kernel's inline backend stores the figures as images
     if quick:
         os.environ["JAXLSTM_NOTEBOOK_QUICK"] = "1"
     else:
@@ -42,6 +60,8 @@ def run(path: pathlib.Path, *, quick: bool, write: bool) -> int:
     if write and not errors:
         for cell in nb.cells:  # the kernel's timing metadata would change on every run
             cell.get("metadata", {}).pop("execution", None)
+            for output in cell.get("outputs", []):
+                _without_local_paths(output)
         nbformat.write(nb, path)
     return 1 if errors else 0
 

@@ -84,6 +84,19 @@ def zero_carry(batch_shape: tuple, hidden_size: int, proj_size: int | None, dtyp
     return LSTMState(jnp.zeros(batch + (hidden_size,), dtype), jnp.zeros(batch + (proj_size or hidden_size,), dtype))
 
 
+def module_zero_states(module: Any, input_shape: tuple[int, ...]) -> tuple:
+    """``initialize_carry`` of a linen or NNX ``LSTM``: zero states from the module's own settings."""
+    return zero_states(
+        input_shape,
+        module.hidden_size,
+        module.num_layers,
+        module.bidirectional,
+        module.time_major,
+        module.param_dtype,
+        module.proj_size,
+    )
+
+
 def zero_states(
     input_shape: tuple[int, ...],
     hidden_size: int,

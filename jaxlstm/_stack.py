@@ -307,16 +307,16 @@ def lstm_stack(
     batch = _batch_shape(xs, time_major)
     finals = []
     ys = xs
+    kw: dict[str, Any] = dict(
+        seq_lengths=seq_lengths,
+        mask=mask,
+        time_major=time_major,
+        unroll=unroll,
+        bptt=bptt,
+        checkpoint_every=checkpoint_every,
+        impl=impl,
+    )
     for n, (layer, state, key) in enumerate(zip(layers, initial, keys)):
-        kw: dict[str, Any] = dict(
-            seq_lengths=seq_lengths,
-            mask=mask,
-            time_major=time_major,
-            unroll=unroll,
-            bptt=bptt,
-            checkpoint_every=checkpoint_every,
-            impl=impl,
-        )
         if not isinstance(layer, (BidirectionalParams, LSTMParams)):
             raise TypeError(f"lstm_stack: layer {n} is {describe(layer)}; expected LSTMParams or BidirectionalParams.")
         k_out, k_fwd, k_bwd = jax.random.split(key, 3) if key is not None else (None, None, None)

@@ -336,15 +336,7 @@ class LSTM(nn.Module):
         ``return_state=True`` returns. ``rng`` is unused (as in Flax's cells).
         """
         del rng
-        return common.zero_states(
-            input_shape,
-            self.hidden_size,
-            self.num_layers,
-            self.bidirectional,
-            self.time_major,
-            self.param_dtype,
-            self.proj_size,
-        )
+        return common.module_zero_states(self, input_shape)
 
 
 class SequenceClassifier(nn.Module):

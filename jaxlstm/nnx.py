@@ -288,15 +288,7 @@ class LSTM(nnx.Module):
         ``return_state=True`` returns. ``rngs`` is unused (as in Flax's cells).
         """
         del rngs
-        return common.zero_states(
-            input_shape,
-            self.hidden_size,
-            self.num_layers,
-            self.bidirectional,
-            self.time_major,
-            self.param_dtype,
-            self.proj_size,
-        )
+        return common.module_zero_states(self, input_shape)
 
     def __call__(
         self,

@@ -243,11 +243,11 @@ def table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-#: The project's speed floors for the classic cell's training step vs Flax (issue "Speed"),
-#: by (B, T, I, H); every other size must be at least 1.0x.
-TRAIN_FLOORS = {(1, 1000, 32, 128): 1.3, (8, 512, 64, 128): 1.8, (32, 256, 128, 512): 1.15}
-FORWARD_NOISE = 0.97  # forward "never slower": ratios down to this count as noise
-SEED_MARGIN = 0.15  # the seed cell may cost its extra FLOPs H / (4 (I + H)) plus this, over the classic cell
+#: The project's floors live in floors.json beside this script (what each number means is written there).
+FLOORS = json.loads((pathlib.Path(__file__).with_name("floors.json")).read_text())
+TRAIN_FLOORS = {tuple(int(n) for n in k.split(",")): v for k, v in FLOORS["train_vs_flax"].items()}
+FORWARD_NOISE = FLOORS["forward_noise"]
+SEED_MARGIN = FLOORS["seed_margin"]
 
 
 def floor_checks(results: dict) -> str:
@@ -260,7 +260,7 @@ def floor_checks(results: dict) -> str:
             continue
         B, T, I, H = size
         parts = []
-        floor = TRAIN_FLOORS.get(size, 1.0)
+        floor = TRAIN_FLOORS.get(size, FLOORS["default_train_vs_flax"])
         parts.append(
             _check(f"classic train {classic['train_speedup']:.2f}x", classic["train_speedup"] >= floor, f">= {floor}x")
         )

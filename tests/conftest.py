@@ -32,7 +32,7 @@ def torch():
 
 #: A parametrized test runs this many of its cases in the fast tier (spread over its grid); the
 #: slow tier (CI) runs them all. Each case compiles its own programs, which is what costs the time.
-FAST_CASES_PER_TEST = 2
+FAST_CASES_PER_TEST = 1
 
 
 def pytest_collection_modifyitems(config, items):
@@ -44,7 +44,7 @@ def pytest_collection_modifyitems(config, items):
         n = len(cases)
         if n <= FAST_CASES_PER_TEST:
             continue
-        keep = {round(k * (n - 1) / (FAST_CASES_PER_TEST - 1)) for k in range(FAST_CASES_PER_TEST)}
+        keep = {round(k * (n - 1) / max(FAST_CASES_PER_TEST - 1, 1)) for k in range(FAST_CASES_PER_TEST)}
         for k, item in enumerate(cases):
             if k not in keep:
                 item.add_marker(pytest.mark.slow)

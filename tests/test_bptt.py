@@ -104,6 +104,7 @@ def test_forward_mode_needs_autodiff_option():
     assert hess.shape == (8, 8)
 
 
+@pytest.mark.slow  # many compilations: the slow tier (CI)
 def test_reverse_over_reverse_through_fused():
     p, xs, s0, *_ = problem(5, 2, 4, 3, 2, False, np.float64)
 

@@ -144,6 +144,7 @@ def test_messages_describe_arrays_without_class_names_or_reprs():
         jaxlstm.lstm(P, XS, jnp.zeros((2, 4), jnp.float32))
 
 
+@pytest.mark.slow  # many compilations: the slow tier (CI)
 def test_stack_errors_name_the_layer_and_direction():
     layers = jaxlstm.init_stack(jax.random.key(0), 3, 4, num_layers=3)
     bad = (layers[0], layers[1], layers[2]._replace(w_x=layers[2].w_x[:3]))

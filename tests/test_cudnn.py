@@ -17,6 +17,7 @@ def classic(dtype=jnp.float64):
     return p._replace(b=jax.random.normal(jax.random.key(5), p.b.shape, dtype))
 
 
+@pytest.mark.slow  # trains or runs a peer: the slow tier (CI)
 def test_packing_into_cudnn_layout_reproduces_the_layer_and_its_gradients():
     p = classic()
     xs = jax.random.normal(jax.random.key(1), (B, T, I), jnp.float64)

@@ -39,6 +39,7 @@ def recover_constant_masks(params, xs, ys, rate):
     return found
 
 
+@pytest.mark.slow  # many compilations: the slow tier (CI)
 @pytest.mark.parametrize("api", ["linen", "nnx"])
 def test_recurrent_dropout_one_mask_per_sequence(api):
     Hs, Bs, rate = 4, 6, 0.5
@@ -62,6 +63,7 @@ def test_recurrent_dropout_one_mask_per_sequence(api):
     assert masks1 != masks2, "different rngs gave the same masks"
 
 
+@pytest.mark.slow  # many compilations: the slow tier (CI)
 def test_char_lm_models_agree_across_apis():
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 20, size=(2, 9)), jnp.int32)
     lm = jn.CharLM(20, 8, 12, num_layers=2, rngs=nnx.Rngs(0))
@@ -163,6 +165,7 @@ def nn_rnn(cell, xs, seed):
     return rnn.apply(rnn.init(jax.random.key(seed), xs), xs)
 
 
+@pytest.mark.slow  # many compilations: the slow tier (CI)
 @pytest.mark.parametrize("api", ["linen", "nnx"])
 def test_flax_rnn_drives_a_half_precision_cell(api, peer_promotion):
     """nn.RNN / nnx.RNN scan the carry: its dtype is the same in and out (float32) with bfloat16 compute."""
@@ -279,6 +282,7 @@ def test_modules_with_merge_none(api):
     assert f.shape == b.shape == (2, 5, 4)
 
 
+@pytest.mark.slow  # trains or runs a peer: the slow tier (CI)
 @pytest.mark.parametrize("api", ["linen", "nnx"])
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_learned_initial_state(api, bidirectional, peer_promotion):

@@ -131,6 +131,7 @@ def test_torch_cell_and_bias_false(torch):
 # ------------------------------------------------------------------ Keras 3
 
 
+@pytest.mark.slow  # trains or runs a peer: the slow tier (CI)
 def test_keras_parity_and_round_trip(peer_promotion):
     keras = pytest.importorskip("keras", reason="Keras not installed")
     layer = keras.layers.LSTM(H, return_sequences=True, return_state=True)
@@ -304,6 +305,7 @@ def test_dict_converters_name_missing_entries_and_refuse_odd_shapes():
         interop.from_keras([kernel, recurrent[:, :-4], bias])
 
 
+@pytest.mark.slow  # many compilations: the slow tier (CI)
 def test_writing_into_a_cell_of_another_size_is_refused(peer_promotion):
     import equinox as eqx
     from flax import nnx
@@ -316,6 +318,7 @@ def test_writing_into_a_cell_of_another_size_is_refused(peer_promotion):
         interop.to_equinox(p, eqx.nn.LSTMCell(I, 8, key=jax.random.key(0)))
 
 
+@pytest.mark.slow  # trains or runs a peer: the slow tier (CI)
 @pytest.mark.parametrize("go_backwards", [False, True], ids=["fwd", "rev"])
 def test_keras_parity_with_mask(go_backwards, peer_promotion):
     keras = pytest.importorskip("keras", reason="Keras not installed")
@@ -338,6 +341,7 @@ def test_keras_parity_with_mask(go_backwards, peer_promotion):
     np.testing.assert_allclose(final.cell, np.asarray(cn), **F32)
 
 
+@pytest.mark.slow  # trains or runs a peer: the slow tier (CI)
 @pytest.mark.parametrize("merge_mode", ["concat", "ave"])
 def test_keras_bidirectional_parity_and_round_trip(merge_mode, peer_promotion):
     keras = pytest.importorskip("keras", reason="Keras not installed")

@@ -36,6 +36,7 @@ def test_check_grads(seed_cell, lengths, reverse, bptt):
     check_grads(f, (p, xs, s0), order=1, modes=modes, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.slow  # many compilations: the slow tier (CI)
 def test_second_order_grads():
     _, p, xs, s0 = setup(T=3)
 

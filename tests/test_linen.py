@@ -74,6 +74,7 @@ def test_linen_rnn_of_cell_equals_module():
     np.testing.assert_array_equal(states[0].cell[~valid], s0.cell[~valid])
 
 
+@pytest.mark.slow  # many compilations: the slow tier (CI)
 def test_linen_bidirectional_of_cells_equals_module(peer_promotion):
     xs = inputs()
     model = jl.LSTM(H, bidirectional=True, param_dtype=jnp.float64)
@@ -102,6 +103,7 @@ def test_linen_dropout_requires_deterministic():
 # ------------------------------------------------------------------ training, transforms, serialization
 
 
+@pytest.mark.slow  # trains or runs a peer: the slow tier (CI)
 def test_linen_classifier_learns(peer_promotion):
     tokens, lengths, labels = toy_task()
     model = jl.SequenceClassifier(vocab_size=6, embed_dim=8, hidden_size=16, num_classes=2)

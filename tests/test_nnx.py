@@ -79,6 +79,7 @@ def test_nnx_eval_and_train_switch_dropout():
     assert not np.allclose(model(xs), jaxlstm.lstm_stack(model.layers, xs)[0])
 
 
+@pytest.mark.slow  # trains or runs a peer: the slow tier (CI)
 def test_nnx_classifier_learns_with_nnx_jit(peer_promotion):
     tokens, lengths, labels = toy_task(seed=1)
     model = jn.SequenceClassifier(6, 8, 16, 2, bidirectional=True, rngs=nnx.Rngs(0))

@@ -16,6 +16,7 @@ def long_problem(seed_cell):
     return p32, jax.tree.map(lambda a: a.astype(jnp.bfloat16), p32), xs
 
 
+@pytest.mark.slow  # trains or runs a peer: the slow tier (CI)
 @pytest.mark.parametrize("seed_cell", [True, False], ids=["output_map", "classic"])
 def test_bfloat16_error_does_not_grow_with_time(seed_cell):
     """bf16 compute against float32 on the same (bf16-representable) weights over T = 1000.
@@ -37,6 +38,7 @@ def test_bfloat16_error_does_not_grow_with_time(seed_cell):
         np.testing.assert_allclose(f16.cell, f32.cell, atol=2e-2)
 
 
+@pytest.mark.slow  # trains or runs a peer: the slow tier (CI)
 @pytest.mark.parametrize("bptt,checkpoint_every", [("custom", None), ("custom", 64), ("autodiff", None)])
 def test_bfloat16_gradients_summed_in_float32(bptt, checkpoint_every):
     """Weight gradients over 1000 steps: within 2% (relative to the largest entry) of float32's.

@@ -59,6 +59,7 @@ def test_projection_custom_backward_matches_autodiff(seed_cell, checkpoint_every
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.slow  # many compilations: the slow tier (CI)
 def test_projection_in_stacks_and_init():
     layers = jaxlstm.init_stack(
         jax.random.key(0), I, H, num_layers=2, bidirectional=True, proj_size=P, dtype=jnp.float64
@@ -76,6 +77,7 @@ def test_projection_in_stacks_and_init():
         interop.to_keras(p._replace(w_o=None, b_o=None))
 
 
+@pytest.mark.slow  # runs PyTorch: the slow tier (CI)
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_torch_proj_size_parity_outputs_states_and_input_gradients(torch, bidirectional):
     torch.manual_seed(0)

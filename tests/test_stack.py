@@ -69,6 +69,7 @@ def test_stack_equals_composing_layers_by_hand(bidir):
     np.testing.assert_array_equal(ys[1, 4:], 0.0)
 
 
+@pytest.mark.slow  # many compilations: the slow tier (CI)
 def test_stack_dropout_between_layers():
     layers = jaxlstm.init_stack(jax.random.key(0), 3, 16, num_layers=2)
     xs = jax.random.normal(jax.random.key(1), (4, 5, 3), jnp.float32)
@@ -95,6 +96,7 @@ def test_stack_under_jit_and_grad():
     assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
 
 
+@pytest.mark.slow  # many compilations: the slow tier (CI)
 def test_stack_recurrent_dropout_is_one_mask_per_sequence():
     layers = jaxlstm.init_stack(jax.random.key(0), 3, 8, num_layers=1, bidirectional=True, dtype=jnp.float64)
     xs = jax.random.normal(jax.random.key(1), (4, 6, 3), jnp.float64)

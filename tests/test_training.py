@@ -21,7 +21,8 @@ import jaxlstm
 import jaxlstm.linen as jl
 from jaxlstm import training
 
-pytestmark = pytest.mark.usefixtures("peer_promotion")  # optax and orbax run here too
+# optax and orbax run here too; every test here runs the loop or its pieces end to end: the slow tier (CI)
+pytestmark = [pytest.mark.usefixtures("peer_promotion"), pytest.mark.slow]
 
 
 # ------------------------------------------------------------------ a small stateful model for the loop

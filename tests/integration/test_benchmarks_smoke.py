@@ -1,9 +1,12 @@
 """The benchmark scripts run (tiny sizes; speed itself is never asserted in tests)."""
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
+
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -106,3 +109,96 @@ def test_device_script_runs_on_the_cpu_and_names_what_it_skips(tmp_path):
             "CUDA GPU" in skipped["jaxlstm cudnn (classic)"] and "CUDA GPU" in skipped["cuDNN (jax.experimental.rnn)"]
         )
     assert "| 2, 6, 4, 4 | bfloat16 | jaxlstm scan (classic) |" in (tmp_path / "device.md").read_text()
+
+
+def _import_benchmark(name):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.pop(0)
+
+
+# The smoke runs below are compile-bound (each program runs a few steps): LLVM's cheaper
+# optimisation level halves their compile time and changes nothing they check.
+FAST_COMPILE = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+
+
+def test_quality_tasks_pose_the_problems_they_name():
+    import jax
+    import numpy as np
+
+    quality = _import_benchmark("quality")
+    for make, T in ((quality.adding_data, 50), (quality.xor_data, 40)):
+        xs, ys = (np.asarray(a) for a in make(jax.random.key(0), 256, T))
+        marks = xs[..., 1]
+        assert set(np.unique(marks)) == {0.0, 1.0} and (marks.sum(1) == 2).all()
+        first, second = (np.argwhere(marks)[:, 1].reshape(-1, 2)).T
+        assert (first < T // 2).all() and (second >= T // 2).all()
+        marked = xs[..., 0][marks == 1].reshape(-1, 2)
+        if make is quality.adding_data:
+            np.testing.assert_allclose(ys, marked.sum(1), rtol=1e-6)
+            assert 0.9 < ys.mean() < 1.1  # the mean-predicting baseline's target
+        else:
+            bits = (marked > 0).astype(int)  # inputs are +-1
+            np.testing.assert_array_equal(ys, bits[:, 0] ^ bits[:, 1])
+            assert 0.35 < ys.mean() < 0.65
+
+
+def test_quality_summary_counts_steps_to_target_per_seed():
+    quality = _import_benchmark("quality")
+    task = quality.Task(
+        name="t", title="t", init=None, batch=None, loss=None, evaluate=None, metric="test MSE",
+        lower_is_better=True, target=0.01, baseline=0.167, steps=30, eval_every=10, lr=1e-3,
+    )  # fmt: skip
+    run = {"curve": [(10, [0.1, 0.005, 0.2]), (20, [0.008, 0.004, 0.3]), (30, [0.02, 0.003, 0.2])]}
+    s = quality.summarise(task, run)
+    assert s["step"] == 30 and s["steps_to_target"] == [20, 10, None]
+    assert abs(s["mean"] - (0.02 + 0.003 + 0.2) / 3) < 1e-12
+    assert quality._reached_text(s["steps_to_target"]) == "15 (2 of 3 seeds)"
+    assert quality.summarise(task, run, at_step=20)["per_seed"] == [0.008, 0.004, 0.3]
+
+
+def test_quality_script_writes_its_table_json_and_chart(tmp_path):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--quick", "--seeds", "2", "--out", str(tmp_path)]
+    cmd += ["--only", "xor", "charlm", "vowels"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=FAST_COMPILE)
+    assert out.returncode == 0, out.stderr[-2000:]
+    data = json.loads((tmp_path / "quality.json").read_text())
+    assert set(data["tasks"]) == {"xor", "charlm", "vowels"}
+    labels = [label for label, _ in data["tasks"]["charlm"]["rows"]]
+    assert labels == ["output map", "classic (equal steps)", "classic (equal time)"]
+    for task in data["tasks"].values():
+        assert set(task["cost_s"]) == {"output map", "classic"} and min(task["cost_s"].values()) > 0
+        for _, row in task["rows"]:
+            assert len(row["per_seed"]) == 2
+    assert 0.0 <= data["tasks"]["vowels"]["rows"][0][1]["mean"] <= 1.0
+    text = (tmp_path / "quality.md").read_text()
+    assert "| Japanese Vowels (9 speakers) | classic |" in text
+    assert (tmp_path / "quality.png").stat().st_size > 0
+
+
+def test_quality_script_refuses_an_unknown_task(tmp_path):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--quick", "--only", "nope", "--out", str(tmp_path)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "unknown task(s) nope" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_torch_charlm_schedule_is_optax_s():
+    import optax
+
+    charlm_torch = _import_benchmark("charlm_torch")
+    ours = charlm_torch.schedule(4e-3, 300, 15)
+    reference = optax.warmup_cosine_decay_schedule(0.0, 4e-3, warmup_steps=15, decay_steps=300, end_value=4e-4)
+    for step in range(0, 320, 7):
+        assert abs(ours(step) - float(reference(step))) < 1e-9, step
+
+
+def test_torch_charlm_script_runs(tmp_path):
+    pytest.importorskip("torch")
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "charlm_torch.py"), "--quick", "--out", str(tmp_path)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    data = json.loads((tmp_path / "charlm_torch.json").read_text())
+    assert data["steps_done"] == 6 and [c[0] for c in data["curve"]] == [3, 6]
+    assert 0 < data["held_out_bits_per_char"] < 8

@@ -27,7 +27,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-STEPS = 90
+STEPS = 60
 # H = 128, the size at which Ctrl-C used to land while the state was donated to the step; a save
 # every 10 steps keeps a checkpoint write in flight much of the time, so signals land in saves too
 ARGS = [
@@ -42,7 +42,7 @@ ARGS = [
     "--embed-dim",
     "16",
     "--eval-every",
-    "30",
+    "20",
     "--save-every",
     "10",
     "--no-progress",
@@ -161,11 +161,11 @@ def _no_traceback(p: Proc):
 # (name, what to wait for before the fault, extra delay in seconds, signals to send)
 FAULTS = [
     ("sigint-at-import", None, 0.4, [signal.SIGINT]),
-    ("sigint-between-steps", "step 30: held-out", 0.35, [signal.SIGINT]),
-    ("sigterm-between-steps", "step 30: held-out", 0.8, [signal.SIGTERM]),
-    ("sigint-at-eval", "step 60: held-out", 0.0, [signal.SIGINT]),
-    ("double-sigint", "step 30: held-out", 0.5, [signal.SIGINT, signal.SIGINT]),
-    ("sigkill-at-eval", "step 60: held-out", 0.15, [signal.SIGKILL]),
+    ("sigint-between-steps", "step 20: held-out", 0.35, [signal.SIGINT]),
+    ("sigterm-between-steps", "step 20: held-out", 0.8, [signal.SIGTERM]),
+    ("sigint-at-eval", "step 40: held-out", 0.0, [signal.SIGINT]),
+    ("double-sigint", "step 20: held-out", 0.5, [signal.SIGINT, signal.SIGINT]),
+    ("sigkill-at-eval", "step 40: held-out", 0.15, [signal.SIGKILL]),
 ]
 
 
@@ -219,7 +219,7 @@ def test_damaged_latest_checkpoint_falls_back(reference, tmp_path):
     """Corrupt the newest checkpoint's data after a kill: resume falls back to the one before, and says so."""
     out = tmp_path / "run"
     p = Proc(_command(out))
-    assert p.wait_for("step 60: held-out"), p.output
+    assert p.wait_for("step 40: held-out"), p.output
     p.p.send_signal(signal.SIGKILL)
     p.finish()
     steps = sorted(int(d.name) for d in (out / "checkpoints").iterdir() if d.name.isdigit())

@@ -43,9 +43,7 @@ def pack(params: LSTMParams) -> Array:
     return jnp.concatenate([w_ih.ravel(), w_hh.ravel(), b_ih, jnp.zeros_like(b_ih)])
 
 
-def unsupported(
-    params: LSTMParams, xs: Array, *, reverse: bool, step_mask: Any, recurrent_mask: Any, time_major: bool
-) -> list[str]:
+def unsupported(params: LSTMParams, xs: Array, *, reverse: bool, step_mask: Any, recurrent_mask: Any) -> list[str]:
     """Why this layer call cannot run on cuDNN (empty: it can)."""
     reasons = []
     if params.w_o is not None:

@@ -113,7 +113,6 @@ def choose_impl(
     recurrent_mask: Array | None,
     *,
     reverse: bool,
-    time_major: bool,
     bptt: str,
     checkpoint_every: int | None,
     explicit_bptt: bool,
@@ -130,9 +129,7 @@ def choose_impl(
         raise ValueError(f"impl must be one of {IMPLS}; received {impl!r}.")
     if impl == "scan":
         return "scan"
-    reasons = _cudnn.unsupported(
-        params, xs, reverse=reverse, step_mask=step_mask, recurrent_mask=recurrent_mask, time_major=time_major
-    )
+    reasons = _cudnn.unsupported(params, xs, reverse=reverse, step_mask=step_mask, recurrent_mask=recurrent_mask)
     if impl == "cudnn":
         if not _cudnn.available():
             raise ValueError(
@@ -293,7 +290,6 @@ def lstm(
         step_mask,
         recurrent_mask,
         reverse=bool(reverse),
-        time_major=bool(time_major),
         bptt=bptt,
         checkpoint_every=checkpoint_every,
         explicit_bptt=explicit_bptt,

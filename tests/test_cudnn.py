@@ -76,14 +76,9 @@ def test_impl_switch_on_a_cpu():
 def test_what_cudnn_cannot_run_is_named():
     seed = jaxlstm.init_params(jax.random.key(0), I, H, dtype=jnp.bfloat16)
     reasons = _cudnn.unsupported(
-        seed, jnp.ones((T, I), jnp.bfloat16), reverse=True, step_mask=True, recurrent_mask=True, time_major=False
+        seed, jnp.ones((T, I), jnp.bfloat16), reverse=True, step_mask=True, recurrent_mask=True
     )
     joined = "; ".join(reasons)
     for expected in ("classic cell", "rank 3", "reverse=False", "step mask", "recurrent dropout", "bfloat16"):
         assert expected in joined
-    assert (
-        _cudnn.unsupported(
-            classic(), jnp.ones((B, T, I)), reverse=False, step_mask=None, recurrent_mask=None, time_major=False
-        )
-        == []
-    )
+    assert _cudnn.unsupported(classic(), jnp.ones((B, T, I)), reverse=False, step_mask=None, recurrent_mask=None) == []

@@ -103,7 +103,6 @@ def backward_scan(
     valid: Array | None,
     mask: Array | None,
     reverse: bool,
-    unroll: int | bool,
 ) -> tuple[Array, Array | None, LSTMState, Array | None]:
     """Reverse of the forward scan: returns ``(dG, dZ, d_initial_state, dA)``.
 
@@ -116,7 +115,10 @@ def backward_scan(
     fresh large buffer costs a page fault per 4 KiB on every call
     (benchmarks/cpu_effects.py). The previous
     cell state is read by index (``first_cell`` before the first processed step)
-    rather than from a shifted copy.
+    rather than from a shifted copy. The loop is never unrolled (``unroll``
+    applies to the forward scan only): in an unrolled body XLA copies the
+    carried buffers instead of writing them in place, which made a training
+    step 17x slower at T = 500, B = 64, H = 64 with ``unroll=4``.
     """
     h = params.hidden_size
     has_output_map = params.w_o is not None
@@ -188,7 +190,6 @@ def backward_scan(
         (d_final.hidden, d_final.cell, res.gates, res.u, res.gates[first], u0, da0),
         (dhs, valid, index, row_next),
         reverse=not reverse,
-        unroll=unroll,
     )
     return d_pre, dz, LSTMState(dc0, dh0), da
 
@@ -268,7 +269,7 @@ def chunk_backward(
         h = params.hidden_size
         u = res.u if res.u is not None else jnp.tanh(res.cells)
         gamma_o = res.gates[..., 3 * h :] * u
-    d_pre, dz, d_start, da = backward_scan(params, res, start.cell, dhs, d_end, valid, mask, reverse, unroll)
+    d_pre, dz, d_start, da = backward_scan(params, res, start.cell, dhs, d_end, valid, mask, reverse)
     grads = param_grads(params, xs, h_prev, res.cells, d_pre, dz, mask, gamma_o, da)
     dxs = (d_pre @ params.w_x.T.astype(d_pre.dtype)).astype(xs.dtype)
     return grads, dxs, d_start

@@ -85,6 +85,18 @@ def test_unroll_does_not_change_results(unroll):
     hs, _ = jaxlstm.lstm(p, xs, jaxlstm.LSTMState(c0, a0), seq_lengths=jnp.array([7, 3]), unroll=unroll)
     np.testing.assert_allclose(hs, ref_h, rtol=RTOL, atol=ATOL)
 
+    # the fused backward pass (whose loop is never unrolled) against autodiff through the unrolled scan
+    def loss(p, xs, bptt):
+        hs, final = jaxlstm.lstm(
+            p, xs, jaxlstm.LSTMState(c0, a0), seq_lengths=jnp.array([7, 3]), unroll=unroll, bptt=bptt
+        )
+        return jnp.sum(jnp.sin(hs)) + jnp.sum(final.cell**2)
+
+    got = jax.grad(loss, argnums=(0, 1))(p, xs, "custom")
+    want = jax.grad(loss, argnums=(0, 1))(p, xs, "autodiff")
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
 
 def test_float32_matches_reference_at_float32_tolerance():
     rng, g, xs, c0, a0 = make(7, 4, 20, 8, 16)

@@ -256,6 +256,7 @@ def floor_checks(results: dict) -> str:
     lines = []
     for size in dict.fromkeys(tuple(r["size"]) for r in results["rows"]):
         classic, seed = by.get((size, "jaxlstm classic")), by.get((size, "jaxlstm seed"))
+        torch = by.get((size, "torch nn.LSTM"))
         if classic is None or "train_speedup" not in classic:
             continue
         B, T, I, H = size
@@ -271,11 +272,20 @@ def floor_checks(results: dict) -> str:
                 f">= {FORWARD_NOISE}x",
             )
         )
+        if torch is not None:
+            for kind, key in (("train", "train_vs_torch"), ("forward", "forward_vs_torch")):
+                ratio = torch[f"{kind}_s"] / classic[f"{kind}_s"]
+                parts.append(
+                    _check(f"classic {kind} vs PyTorch {ratio:.2f}x", ratio >= FLOORS[key], f">= {FLOORS[key]}x")
+                )
         if seed is not None:
             allowed = 1 + H / (4 * (I + H)) + SEED_MARGIN
             for kind in ("forward", "train"):
                 cost = seed[f"{kind}_s"] / classic[f"{kind}_s"]
                 parts.append(_check(f"seed/classic {kind} {cost:.2f}", cost <= allowed, f"<= {allowed:.2f}"))
+            cost = seed["forward_s"] / classic["forward_s"]
+            bound = FLOORS["seed_forward_max"]
+            parts.append(_check(f"seed/classic forward {cost:.2f}", cost <= bound, f"<= {bound}"))
         lines.append(f"- ({', '.join(map(str, size))}): " + "; ".join(parts))
     if not lines:
         return ""

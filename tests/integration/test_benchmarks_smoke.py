@@ -77,6 +77,7 @@ def test_floor_checks_flag_a_missed_floor():
         _row(size, "jaxlstm seed", 14.0, 60.0, base),
     ]  # forward 1.40 (over), train 1.33 (over)
     text = speed.floor_checks({"rows": rows})
+    assert "vs PyTorch" not in text  # PyTorch did not run
     assert "classic train 2.00x (>= 1.8x: ok)" in text
     assert "classic forward 1.00x (>= 0.97x: ok)" in text
     assert "seed/classic forward 1.40 (<= 1.32: MISSED)" in text
@@ -84,6 +85,11 @@ def test_floor_checks_flag_a_missed_floor():
     rows[1] = _row(size, "jaxlstm classic", 10.5, 60.0, base)  # train 1.5x < 1.8x, forward 0.95x
     text = speed.floor_checks({"rows": rows})
     assert "classic train 1.50x (>= 1.8x: MISSED)" in text and "classic forward 0.95x (>= 0.97x: MISSED)" in text
+    assert "seed/classic forward 1.33 (<= 1.15: MISSED)" in text  # 14.0 / 10.5
+    rows.append(_row(size, "torch nn.LSTM", 9.0, 60.0, base))  # train 60 / 60 = 1.00x, forward 9 / 10.5 = 0.86x
+    text = speed.floor_checks({"rows": rows})
+    assert "classic train vs PyTorch 1.00x (>= 1.0x: ok)" in text
+    assert "classic forward vs PyTorch 0.86x (>= 0.9x: MISSED)" in text
 
 
 def test_cpu_effects_script_writes_its_table(tmp_path):

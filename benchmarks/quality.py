@@ -14,7 +14,7 @@ same function, the same data, optimiser and steps), three seeds each, on:
 * ``adding100``, ``adding500``: the adding problem (Hochreiter & Schmidhuber,
   1997) at T = 100 and T = 500: steps to reach test MSE 0.01 and the final MSE
   (predicting the mean scores 1/6 ~ 0.167);
-* ``xor``: delayed XOR at T = 100: two marked bits among noise bits, the
+* ``xor``: delayed XOR at T = 30: two marked bits among noise bits, the
   answer their XOR, read from the last state. The classic cell shows its
   memory through ``tanh(c)`` one coordinate at a time, so XOR of two remembered
   bits (not linearly separable) must be built by the gates as the second bit
@@ -494,7 +494,7 @@ def build_tasks(quick: bool) -> dict[str, Callable[[], Task]]:
     return {
         "adding100": lambda: adding_task(s(100, 20), s(2000, 4), quick),
         "adding500": lambda: adding_task(s(500, 40), s(1200, 4), quick),
-        "xor": lambda: xor_task(s(100, 20), s(2000, 4), quick),
+        "xor": lambda: xor_task(s(30, 20), s(2000, 4), quick),
         "charlm": lambda: charlm_task(s(1200, 4), quick),
         "vowels": lambda: vowels_task(s(600, 4), quick),
     }

@@ -86,10 +86,8 @@ def evaluator(model, tokens: np.ndarray, seq_len: int, streams: int = 16):
     """Held-out bits per character: ``streams`` contiguous streams read ``seq_len`` at a time, state carried."""
     import torch
 
-    streams = max(1, min(streams, (len(tokens) - 1) // seq_len))
-    chunks = (len(tokens) - 1) // streams // seq_len
-    n = chunks * seq_len
-    rows = torch.as_tensor(np.stack([tokens[i * n : i * n + n + 1] for i in range(streams)]), dtype=torch.long)
+    rows, chunks = charlm.held_out_streams(tokens, seq_len, streams)
+    rows = torch.as_tensor(rows, dtype=torch.long)
 
     def evaluate() -> float:
         model.eval()
@@ -172,7 +170,11 @@ def main(argv=None) -> int:
     if a.quick:
         cfg = charlm.Config(embed_dim=8, hidden_size=16, seq_len=16, batch_size=4, steps=6, eval_every=3)
         text = text[:20_000]
-    result = run(cfg, a.budget, text, log=lambda m: print(m, flush=True))
+    try:
+        result = run(cfg, a.budget, text, log=lambda m: print(m, flush=True))
+    except KeyboardInterrupt:
+        print("charlm_torch.py: interrupted; nothing was written", file=sys.stderr)
+        return 130
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "charlm_torch.json").write_text(json.dumps(result, indent=1))
     print(

@@ -1,6 +1,6 @@
 """Does the output-map cell earn its place? The two cells trained side by side on real tasks.
 
-    python benchmarks/quality.py            # the full study (about 45 minutes on 2 CPU cores)
+    python benchmarks/quality.py            # the full study (half an hour here as two processes)
     python benchmarks/quality.py --quick    # a smoke run: every task, a few steps
     python benchmarks/quality.py --only adding100 xor
 
@@ -205,10 +205,8 @@ def charlm_task(steps: int, quick: bool) -> Task:
     train = jnp.asarray(charlm.encode(train_text, vocab))
     valid = charlm.encode(valid_text, vocab)
     # the held-out text as 16 contiguous streams read T characters at a time, the state carried
-    streams = 16
-    chunks = (len(valid) - 1) // streams // T
-    n = chunks * T
-    rows = np.stack([valid[i * n : i * n + n + 1] for i in range(streams)])
+    rows, chunks = charlm.held_out_streams(valid, T)
+    streams = rows.shape[0]
     xs_valid = jnp.asarray(rows[:, :-1].reshape(streams, chunks, T).transpose(1, 0, 2))
     ys_valid = jnp.asarray(rows[:, 1:].reshape(streams, chunks, T).transpose(1, 0, 2))
 
@@ -251,7 +249,12 @@ def charlm_task(steps: int, quick: bool) -> Task:
 
 
 def vowels_task(steps: int, quick: bool) -> Task:
-    from aeon.datasets import load_japanese_vowels
+    try:
+        from aeon.datasets import load_japanese_vowels
+    except ImportError:
+        raise SystemExit(
+            "quality.py: the vowels task needs aeon (pip install -e '.[bench]'), or leave it out with --only"
+        ) from None
 
     def load(split):
         X, y = load_japanese_vowels(split=split)
@@ -557,7 +560,7 @@ def run_study(only: list[str] | None, quick: bool, seeds: int, out: pathlib.Path
             "rows": rows,
             "runs": task_runs,
         }
-    save(results, out)
+        results = save(results, out)  # each finished task is kept, whatever happens to the next
     return results
 
 
@@ -596,7 +599,11 @@ def main(argv=None) -> int:
     if a.seeds < 2:
         p.error(f"--seeds must be at least 2 (a standard deviation needs two), not {a.seeds}")
     t0 = time.perf_counter()
-    run_study(a.only, a.quick, a.seeds, a.out, log=lambda m: print(m, flush=True))
+    try:
+        run_study(a.only, a.quick, a.seeds, a.out, log=lambda m: print(m, flush=True))
+    except KeyboardInterrupt:
+        print(f"quality.py: interrupted; the tasks finished before are in {a.out}/quality.json", file=sys.stderr)
+        return 130
     print(f"wrote {a.out}/quality.md, quality.json and quality.png in {time.perf_counter() - t0:.0f} s")
     return 0
 

@@ -295,12 +295,20 @@ def lm_loss(params, state, batch, rng, carry):
     return loss, ({"bits_per_char": training.to_bits(loss)}, new_carry if carry is not None else None)
 
 
-def make_evaluator(model: CharLM, tokens: np.ndarray, seq_len: int, streams: int = 16):
-    """Bits per character on held-out text, read as ``streams`` contiguous streams with the state carried."""
+def held_out_streams(tokens: np.ndarray, seq_len: int, streams: int = 16) -> tuple[np.ndarray, int]:
+    """``(rows, chunks)``: held-out tokens cut into ``streams`` contiguous rows of ``chunks * seq_len + 1``
+    tokens, read ``seq_len`` at a time with the state carried (the main job's evaluation, and the
+    benchmarks' that compare with it)."""
     streams = max(1, min(streams, (len(tokens) - 1) // seq_len))
     chunks = (len(tokens) - 1) // streams // seq_len  # >= 1: split_text holds out at least seq_len + 1
     n = chunks * seq_len
-    rows = np.stack([tokens[i * n : i * n + n + 1] for i in range(streams)])
+    return np.stack([tokens[i * n : i * n + n + 1] for i in range(streams)]), chunks
+
+
+def make_evaluator(model: CharLM, tokens: np.ndarray, seq_len: int, streams: int = 16):
+    """Bits per character on held-out text, read as ``streams`` contiguous streams with the state carried."""
+    rows, chunks = held_out_streams(tokens, seq_len, streams)
+    streams, n = rows.shape[0], chunks * seq_len
 
     @jax.jit
     def chunk_nats(params, x, y, carry):

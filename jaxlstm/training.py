@@ -35,7 +35,7 @@ import pathlib
 import signal
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import flax.serialization
@@ -479,9 +479,31 @@ class StopRequest:
         self.signal: int | None = None
         self._notify = notify
         self._old: dict = {}
+        self._deferring = 0
+        self._pending = False
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        """A block that a second signal does not cut: it raises ``KeyboardInterrupt`` when the block ends.
+
+        :func:`fit` runs a step and its bookkeeping (step count, logging window,
+        records) in one, so that what it saves after a second Ctrl-C is
+        consistent: a step's metrics are counted if and only if its state is.
+        """
+        self._deferring += 1
+        try:
+            yield
+        finally:
+            self._deferring -= 1
+        if self._pending and not self._deferring:
+            self._pending = False
+            raise KeyboardInterrupt
 
     def _handle(self, signum, frame):
         if self.signal is not None:
+            if self._deferring:
+                self._pending = True
+                return
             raise KeyboardInterrupt
         self.signal = signum
         if self._notify is not None:
@@ -847,31 +869,34 @@ def fit(
                 batch = batch_fn(step)
                 if mesh is not None:
                     batch = _shard_batch(batch, mesh)
-                # the state is donated to the step: bind the new one at once (see _alive for the rest)
-                state, metrics, carry = train_step(state, batch, jax.random.fold_in(rng, step), carry)
-                finite = bool(metrics.pop("finite", True))
-                loss = float(metrics["loss"])
-                if not finite:
-                    raise NonFiniteLossError(
-                        f"update {step + 1} (from batch {step}) was not finite (loss {loss}, gradient norm "
-                        f"{float(metrics['grad_norm'])}): it was not applied, and training stopped with the state "
-                        f"after step {step}. Lower the learning rate or the clipping norm, or check the data "
-                        "(a resumed run would meet the same batch again)."
-                    )
-                step += 1
-                values = _scalars(metrics)
-                window = {
-                    "count": window["count"] + 1,
-                    "sums": {k: window["sums"].get(k, 0.0) + v for k, v in values.items()},
-                }
-                bar.update(1)
-                if progress_metric in window["sums"]:
-                    bar.set_postfix({progress_metric: f"{window['sums'][progress_metric] / window['count']:.4f}"})
-                if step % log_every == 0 or step == num_steps:
-                    n = window["count"]
-                    means = {k: v / n for k, v in window["sums"].items()}
-                    window = {"count": 0, "sums": {}}
-                    record(dict(step=step, time_s=time.perf_counter() - t0, **means))
+                # A second signal waits for the step and its bookkeeping (at most one step): cut in
+                # between, the saved state would hold a step whose metrics the logging window lacks.
+                with stop.deferred():
+                    # the state is donated to the step: bind the new one at once (see _alive for the rest)
+                    state, metrics, carry = train_step(state, batch, jax.random.fold_in(rng, step), carry)
+                    finite = bool(metrics.pop("finite", True))
+                    loss = float(metrics["loss"])
+                    if not finite:
+                        raise NonFiniteLossError(
+                            f"update {step + 1} (from batch {step}) was not finite (loss {loss}, gradient norm "
+                            f"{float(metrics['grad_norm'])}): it was not applied, and training stopped with the "
+                            f"state after step {step}. Lower the learning rate or the clipping norm, or check the "
+                            "data (a resumed run would meet the same batch again)."
+                        )
+                    step += 1
+                    values = _scalars(metrics)
+                    window = {
+                        "count": window["count"] + 1,
+                        "sums": {k: window["sums"].get(k, 0.0) + v for k, v in values.items()},
+                    }
+                    bar.update(1)
+                    if progress_metric in window["sums"]:
+                        bar.set_postfix({progress_metric: f"{window['sums'][progress_metric] / window['count']:.4f}"})
+                    if step % log_every == 0 or step == num_steps:
+                        n = window["count"]
+                        means = {k: v / n for k, v in window["sums"].items()}
+                        window = {"count": 0, "sums": {}}
+                        record(dict(step=step, time_s=time.perf_counter() - t0, **means))
                 if ckpt is not None:
                     save(step, force=False)
                 if step < num_steps and eval_due(step):

@@ -3,8 +3,8 @@
     python benchmarks/device.py                 # the device grid, float32 and bfloat16
     python benchmarks/device.py --smoke         # tiny sizes, any platform (the test suite runs it on the CPU)
 
-Implementations: jaxlstm with each ``impl`` (``scan`` for both cells, ``cudnn``
-for the classic cell where it runs), Flax ``nn.RNN(OptimizedLSTMCell)`` and
+Implementations: jaxlstm with each ``impl`` (``scan`` and ``pallas`` for both
+cells, ``cudnn`` for the classic cell where it runs), Flax ``nn.RNN(OptimizedLSTMCell)`` and
 cuDNN called directly through ``jax.experimental.rnn``. Workloads: the forward
 pass and a training step (value and gradient of ``sum(outputs ** 2)`` with
 respect to the weights and inputs). For each size every implementation is
@@ -13,7 +13,10 @@ medians). The chip's matmul rate is measured in the same run (float32 and
 bfloat16), and each result is also given as the fraction of it achieved
 (forward FLOPs ``2 T B 4H (I + H)``, plus ``2 T B H H`` for the output-map
 cell; a training step counts 3x). An implementation that cannot run here
-(e.g. cuDNN without a CUDA GPU) is listed as skipped, with the reason.
+(e.g. cuDNN without a CUDA GPU, the Pallas kernels at sizes Triton cannot
+tile) is listed as skipped, with the reason. On a CPU the Pallas rows run the
+kernels through the Pallas interpreter in ``--smoke`` mode (a check that they
+run, not a speed) and are skipped otherwise.
 
 Writes ``<out>/device.md`` and ``device.json`` (default ``benchmarks/results``)
 after every size, so a stopped run keeps what it measured.
@@ -36,6 +39,7 @@ from timing import block, calls_for, time_calls
 
 GRID = [(64, 512, 256), (256, 128, 1024), (16, 1000, 512), (1024, 128, 128)]  # (B, T, H); I = H
 SMOKE_GRID = [(2, 6, 4)]
+SMOKE = False  # set by --smoke: the Pallas rows run interpreted on a CPU
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -54,7 +58,12 @@ def jaxlstm_impl(impl: str, seed_cell: bool):
         import jaxlstm
 
         p = jaxlstm.init_params(jax.random.key(0), I, H, output_transform=seed_cell, dtype=dtype)
-        apply = lambda p, x: jaxlstm.lstm(p, x, impl=impl)[0]
+        chosen = impl
+        if impl == "pallas" and jax.default_backend() not in ("gpu", "tpu"):
+            if not SMOKE:
+                raise RuntimeError(f"no Pallas kernels on {jax.default_backend()} (interpreted only with --smoke)")
+            chosen = "pallas_interpret"
+        apply = lambda p, x: jaxlstm.lstm(p, x, impl=chosen)[0]
         jax.eval_shape(apply, p, _inputs(B, T, I, dtype))  # raises here if this impl cannot run
         return _steps(apply, p, _inputs(B, T, I, dtype))
 
@@ -84,6 +93,8 @@ def cudnn_direct(B, T, I, H, dtype):
 IMPLEMENTATIONS: dict[str, Callable] = {
     "jaxlstm scan (output-map cell)": jaxlstm_impl("scan", True),
     "jaxlstm scan (classic)": jaxlstm_impl("scan", False),
+    "jaxlstm pallas (output-map cell)": jaxlstm_impl("pallas", True),
+    "jaxlstm pallas (classic)": jaxlstm_impl("pallas", False),
     "jaxlstm cudnn (classic)": jaxlstm_impl("cudnn", False),
     "jaxlstm auto (classic)": jaxlstm_impl("auto", False),
     "flax OptimizedLSTMCell": flax_optimized,
@@ -170,6 +181,8 @@ def main(argv=None) -> int:
     parser.add_argument("--impls", default=",".join(IMPLEMENTATIONS))
     parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
     args = parser.parse_args(argv)
+    global SMOKE
+    SMOKE = args.smoke
     grid = SMOKE_GRID if args.smoke else GRID
     names = [n.strip() for n in args.impls.split(",") if n.strip()]
     unknown = sorted(set(names) - set(IMPLEMENTATIONS))

@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from . import _cudnn
+from . import _cudnn, _pallas
 from ._bptt import checkpointed, fused
 from ._checks import (
     check_bptt,
@@ -77,8 +77,10 @@ def run_time_major(
     unroll: int | bool,
     bptt: str,
     checkpoint_every: int | None,
+    pallas: str | None = None,
 ) -> tuple[Array, LSTMState]:
-    """Dispatch a time-major layer to the autodiff scan, the custom backward, or the chunked custom backward.
+    """Dispatch a time-major layer to the autodiff scan, the custom backward, the chunked custom backward,
+    or (``pallas``: the kernels' platform) the Pallas kernels.
 
     ``valid`` ``(T, *B)`` marks the steps that count (``None``: all); ``mask`` is the recurrent dropout mask.
     """
@@ -88,6 +90,8 @@ def run_time_major(
         xs = without_padding(xs, valid)
     if mask is not None:
         mask = jax.lax.stop_gradient(mask)
+    if pallas is not None:
+        return _pallas.dispatch(params, xs, state, valid, mask, reverse, unroll, pallas == "pallas:interpret")
     if bptt == "autodiff":
         compute = None
         if params.dtype in HALF:  # autodiff sums the weight gradients in the dtype of what it differentiates
@@ -101,7 +105,12 @@ def run_time_major(
 
 
 #: The ``impl`` options (see :func:`jaxlstm.lstm`).
-IMPLS = ("auto", "scan", "cudnn")
+IMPLS = ("auto", "scan", "cudnn", "pallas", "pallas_interpret")
+
+
+def _pallas_platform() -> str:
+    """The Pallas backend of this process: ``"gpu"`` (Triton), ``"tpu"`` (Mosaic), or the CPU's name."""
+    return {"gpu": "gpu", "cuda": "gpu", "rocm": "gpu", "tpu": "tpu"}.get(jax.default_backend(), jax.default_backend())
 
 
 def choose_impl(
@@ -117,7 +126,9 @@ def choose_impl(
     checkpoint_every: int | None,
     explicit_bptt: bool,
 ) -> str:
-    """The implementation a layer call runs: ``"scan"`` or ``"cudnn"`` (decided at trace time, per platform).
+    """The implementation a layer call runs (decided at trace time, per platform): ``"scan"``,
+    ``"cudnn"``, ``"pallas"`` (the kernels of each platform the program is lowered for, chosen at
+    lowering time) or ``"pallas:interpret"``.
 
     ``auto`` takes cuDNN on a CUDA GPU wherever it computes exactly this call
     (classic cell, forwards, no mask, no projection or recurrent dropout, no
@@ -129,6 +140,20 @@ def choose_impl(
         raise ValueError(f"impl must be one of {IMPLS}; received {impl!r}.")
     if impl == "scan":
         return "scan"
+    if impl in ("pallas", "pallas_interpret"):
+        if explicit_bptt and bptt != "custom":
+            raise ValueError(
+                f"impl={impl!r} cannot run bptt='autodiff': the kernels have their own backward pass (reverse "
+                "mode only). Use impl='scan' for forward-mode differentiation."
+            )
+        platform = "interpret" if impl == "pallas_interpret" else _pallas_platform()
+        if platform in ("interpret", "gpu", "tpu"):  # where this process runs the kernels, they must fit
+            reasons = _pallas.unsupported(params, xs, platform, checkpoint_every=checkpoint_every)
+            if reasons:
+                raise ValueError(
+                    f"impl={impl!r} cannot run this call; the Pallas kernels need: " + "; ".join(reasons) + "."
+                )
+        return "pallas:interpret" if impl == "pallas_interpret" else "pallas"
     reasons = _cudnn.unsupported(params, xs, reverse=reverse, step_mask=step_mask, recurrent_mask=recurrent_mask)
     if impl == "cudnn":
         if not _cudnn.available():
@@ -157,7 +182,7 @@ def _cudnn_jit(
     return (jnp.swapaxes(hs, 0, 1) if time_major else hs), final
 
 
-@functools.partial(jax.jit, static_argnames=("reverse", "time_major", "unroll", "bptt", "checkpoint_every"))
+@functools.partial(jax.jit, static_argnames=("reverse", "time_major", "unroll", "bptt", "checkpoint_every", "pallas"))
 def _lstm_jit(
     params: LSTMParams,
     xs: Array,
@@ -171,13 +196,23 @@ def _lstm_jit(
     unroll: int | bool,
     bptt: str,
     checkpoint_every: int | None,
+    pallas: str | None = None,
 ) -> tuple[Array, LSTMState]:
     batched_batch_major = xs.ndim == 3 and not time_major
     if batched_batch_major:
         xs = jnp.swapaxes(xs, 0, 1)
     valid = step_validity(lengths, step_mask, xs.shape[0])
     hs, final = run_time_major(
-        params, xs, state, valid, mask, reverse=reverse, unroll=unroll, bptt=bptt, checkpoint_every=checkpoint_every
+        params,
+        xs,
+        state,
+        valid,
+        mask,
+        reverse=reverse,
+        unroll=unroll,
+        bptt=bptt,
+        checkpoint_every=checkpoint_every,
+        pallas=pallas,
     )
     if batched_batch_major:
         hs = jnp.swapaxes(hs, 0, 1)
@@ -257,6 +292,15 @@ def lstm(
         else raises. ``"auto"`` takes cuDNN on a CUDA GPU where it computes
         exactly the same (and no ``seq_lengths`` are given, since cuDNN
         mishandles zero lengths), the scan otherwise. Chosen at trace time.
+        ``"pallas"`` runs the recurrence as one Pallas kernel per direction
+        of the pass (forward and backward), the whole time loop inside it,
+        on a GPU (Triton: ``B`` and ``H`` powers of two, ``>= 16``) or a TPU
+        (Mosaic: ``H`` a multiple of 128); both cells, ``seq_lengths``,
+        ``mask``, ``reverse``, ``recurrent_mask`` and half precision, not
+        ``proj_size`` or ``checkpoint_every``. ``"pallas_interpret"`` runs
+        the same kernels through the Pallas interpreter on any platform
+        (slow: for checking). ``"auto"`` does not pick the kernels yet: they
+        are not measured on a device.
 
     Returns:
       ``(hiddens, final_state)``: ``hiddens`` in the layout of ``xs`` with
@@ -309,6 +353,7 @@ def lstm(
             unroll=unroll,
             bptt=bptt,
             checkpoint_every=checkpoint_every,
+            pallas=chosen if chosen.startswith("pallas") else None,
         )
     except TypeError as e:
         if "forward-mode" not in str(e):

@@ -141,7 +141,7 @@ class LSTM(nn.Module):
         ``initial_cell`` and ``initial_hidden`` of shape
         ``(num_layers, directions, H)`` (zeros at init), used for every
         sequence of the batch when the call gives no ``initial_state``.
-      impl: ``"auto"``, ``"scan"`` or ``"cudnn"`` (see :func:`jaxlstm.lstm`).
+      impl: ``"auto"``, ``"scan"``, ``"cudnn"``, ``"pallas"`` or ``"pallas_interpret"`` (see :func:`jaxlstm.lstm`).
       proj_size: ``P``: every layer projects its hidden state to ``P``
         features (LSTMP, as PyTorch's ``proj_size``); outputs have ``P``
         features (``2P`` concatenated when bidirectional).

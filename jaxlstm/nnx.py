@@ -151,7 +151,7 @@ class LSTM(nnx.Module):
         reverse, time_major, bptt, checkpoint_every: as in
         :class:`jaxlstm.linen.LSTM`; ``reverse`` and ``time_major`` can be overridden per call.
       proj_size: ``P``: every layer projects its hidden state to ``P`` features (LSTMP).
-      impl: ``"auto"``, ``"scan"`` or ``"cudnn"`` (see :func:`jaxlstm.lstm`).
+      impl: ``"auto"``, ``"scan"``, ``"cudnn"``, ``"pallas"`` or ``"pallas_interpret"`` (see :func:`jaxlstm.lstm`).
       learn_initial_state: trainable initial states ``initial_cell`` and
         ``initial_hidden`` ``(num_layers, directions, H)`` (zeros at init),
         as in :class:`jaxlstm.linen.LSTM`.

@@ -66,8 +66,10 @@ def test_impl_switch_on_a_cpu():
     if jax.default_backend() != "gpu":
         with pytest.raises(ValueError, match=r"impl='cudnn' needs a CUDA GPU.*runs on 'cpu'.*impl='auto'"):
             jaxlstm.lstm(p, xs, impl="cudnn")
-    with pytest.raises(ValueError, match=r"impl must be one of \('auto', 'scan', 'cudnn'\); received 'pallas'"):
-        jaxlstm.lstm(p, xs, impl="pallas")
+    with pytest.raises(
+        ValueError, match=r"impl must be one of \('auto', 'scan', 'cudnn', 'pallas', .*received 'triton'"
+    ):
+        jaxlstm.lstm(p, xs, impl="triton")
     # the stack and the modules pass it on
     ys, _ = jaxlstm.lstm_stack((p, p._replace(w_x=p.w_h)), xs, impl="scan")
     assert ys.shape == (B, T, H)

@@ -110,7 +110,13 @@ def test_device_script_runs_on_the_cpu_and_names_what_it_skips(tmp_path):
     data = json.loads((tmp_path / "device.json").read_text())
     measured = {(r["impl"], r["dtype"]) for r in data["rows"] if "skipped" not in r}
     for dtype in ("float32", "bfloat16"):
-        for impl in ("jaxlstm scan (output-map cell)", "jaxlstm scan (classic)", "flax OptimizedLSTMCell"):
+        for impl in (
+            "jaxlstm scan (output-map cell)",
+            "jaxlstm scan (classic)",
+            "jaxlstm pallas (output-map cell)",
+            "jaxlstm pallas (classic)",
+            "flax OptimizedLSTMCell",
+        ):
             assert (impl, dtype) in measured
     skipped = {r["impl"]: r["skipped"] for r in data["rows"] if "skipped" in r}
     if data["device"].endswith("(cpu)"):

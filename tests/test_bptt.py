@@ -1,5 +1,7 @@
 """The hand-written backward pass against autodiff through a plain scan."""
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,11 +50,30 @@ CASES = [  # (B, T, I, H)
 ]
 
 
-@pytest.mark.parametrize("seed_cell", [True, False], ids=["seed", "classic"])
-@pytest.mark.parametrize("B,T,I,H", CASES)
-@pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "lengths"])
-@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
-@pytest.mark.parametrize("checkpoint_every", [None, 3], ids=["saved", "chunked"])
+# Every combination of the four two-way options (cell, lengths, direction, chunking), each with
+# one of the shapes in turn: all pairs of options meet, and every shape meets every option value.
+COVER = [
+    (seed_cell, *CASES[k % len(CASES)], with_lengths, reverse, checkpoint_every)
+    for k, (seed_cell, with_lengths, reverse, checkpoint_every) in enumerate(
+        itertools.product([True, False], [False, True], [False, True], [None, 3])
+    )
+]
+
+
+def _cover_id(case):
+    seed_cell, B, T, I, H, with_lengths, reverse, checkpoint_every = case
+    return "-".join(
+        [
+            "seed" if seed_cell else "classic",
+            f"B{B}T{T}I{I}H{H}",
+            "lengths" if with_lengths else "full",
+            "rev" if reverse else "fwd",
+            "chunked" if checkpoint_every else "saved",
+        ]
+    )
+
+
+@pytest.mark.parametrize("seed_cell,B,T,I,H,with_lengths,reverse,checkpoint_every", COVER, ids=map(_cover_id, COVER))
 def test_fused_matches_autodiff_float64(seed_cell, B, T, I, H, with_lengths, reverse, checkpoint_every):
     p, xs, s0, w_out, w_c, rng = problem(T * 10 + H, B, T, I, H, seed_cell, np.float64)
     lengths = None

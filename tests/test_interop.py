@@ -58,9 +58,8 @@ def test_state_order_helpers():
 # ------------------------------------------------------------------ PyTorch
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("num_layers,bidirectional", [(1, False), (2, False), (2, True)])
-@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("dtype,batch_first", [("float32", True), ("float64", False)])
 def test_torch_lstm_parity(torch, dtype, num_layers, bidirectional, batch_first):
     torch.manual_seed(0)
     tdt = getattr(torch, dtype)

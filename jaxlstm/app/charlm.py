@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import gzip
 import hashlib
 import importlib.resources
@@ -357,6 +358,20 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float, num_samp
         raise RunError(f"--num-samples must be a positive integer; received {num_samples!r}.")
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _advance(model: CharLM, params, tokens, carry):
+    """The logits after ``tokens`` and the new state (compiled once per model and token shape)."""
+    logits, carry = model.apply({"params": params}, tokens, carry, deterministic=True, return_state=True)
+    return logits[:, -1], carry
+
+
+@functools.partial(jax.jit, static_argnames=("temperature", "top_k", "top_p"))
+def _choose(key, logits, *, temperature: float, top_k: int | None, top_p: float):
+    if temperature == 0:
+        return jnp.argmax(logits, axis=-1)
+    return jax.random.categorical(key, filter_logits(logits, temperature, top_k, top_p))
+
+
 def sample(
     model: CharLM,
     params,
@@ -379,18 +394,8 @@ def sample(
     check_sampling(temperature, top_k, top_p, num_samples)
     prompt = prompt or ("\n" if "\n" in vocab else vocab[0])
     ids = jnp.tile(jnp.asarray(encode(prompt, vocab))[None, :], (num_samples, 1))
-
-    @jax.jit
-    def run(params, tokens, carry):
-        logits, carry = model.apply({"params": params}, tokens, carry, deterministic=True, return_state=True)
-        return logits[:, -1], carry
-
-    @jax.jit
-    def choose(key, logits):
-        if temperature == 0:
-            return jnp.argmax(logits, axis=-1)
-        return jax.random.categorical(key, filter_logits(logits, temperature, top_k, top_p))
-
+    run = functools.partial(_advance, model)
+    choose = functools.partial(_choose, temperature=temperature, top_k=top_k, top_p=top_p)
     logits, carry = run(params, ids, None)
     key = jax.random.key(seed)
     out = []

@@ -234,12 +234,12 @@ def _add_params(a: LSTMParams, b: LSTMParams) -> LSTMParams:
     return jax.tree.map(jnp.add, a, b)
 
 
-def _as_dtypes_of(grads: LSTMParams, params: LSTMParams) -> LSTMParams:
+def as_dtypes_of(grads: LSTMParams, params: LSTMParams) -> LSTMParams:
     """Gradients rounded to their parameters' dtypes (a no-op but under half precision)."""
     return jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
 
 
-def _no_grad(mask: Array | None) -> Array | None:
+def no_grad(mask: Array | None) -> Array | None:
     """Dropout masks are constants: a zero cotangent."""
     return None if mask is None else jnp.zeros_like(mask)
 
@@ -293,7 +293,7 @@ def _fused_bwd(reverse, unroll, saved, cotangents):  # type: ignore[no-untyped-d
     params, xs, state, valid, mask, hs, res = saved
     dhs, d_final = cotangents
     grads, dxs, d_state = chunk_backward(params, xs, state, res, hs, dhs, d_final, valid, mask, reverse, unroll)
-    return _as_dtypes_of(grads, params), dxs, d_state, None, _no_grad(mask)
+    return as_dtypes_of(grads, params), dxs, d_state, None, no_grad(mask)
 
 
 fused.defvjp(_fused_fwd, _fused_bwd)
@@ -348,7 +348,7 @@ def _checkpointed_bwd(reverse, unroll, k, saved, cotangents):  # type: ignore[no
         reverse=not reverse,
     )
     dxs = dxs.reshape((n * k,) + dxs.shape[2:])[:T]
-    return _as_dtypes_of(grads, params), dxs, d_state, None, _no_grad(mask)
+    return as_dtypes_of(grads, params), dxs, d_state, None, no_grad(mask)
 
 
 checkpointed.defvjp(_checkpointed_fwd, _checkpointed_bwd)

@@ -147,12 +147,14 @@ def choose_impl(
                 "mode only). Use impl='scan' for forward-mode differentiation."
             )
         platform = "interpret" if impl == "pallas_interpret" else _pallas_platform()
-        if platform in ("interpret", "gpu", "tpu"):  # where this process runs the kernels, they must fit
-            reasons = _pallas.unsupported(params, xs, platform, checkpoint_every=checkpoint_every)
-            if reasons:
-                raise ValueError(
-                    f"impl={impl!r} cannot run this call; the Pallas kernels need: " + "; ".join(reasons) + "."
-                )
+        # the options no kernel takes, wherever it runs; the sizes, where this process runs the kernels
+        reasons = _pallas.unsupported(
+            params, xs, platform if platform in ("interpret", "gpu", "tpu") else None, checkpoint_every=checkpoint_every
+        )
+        if reasons:
+            raise ValueError(
+                f"impl={impl!r} cannot run this call; the Pallas kernels need: " + "; ".join(reasons) + "."
+            )
         return "pallas:interpret" if impl == "pallas_interpret" else "pallas"
     reasons = _cudnn.unsupported(params, xs, reverse=reverse, step_mask=step_mask, recurrent_mask=recurrent_mask)
     if impl == "cudnn":

@@ -37,24 +37,23 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from ._bptt import Residuals, _as_dtypes_of, _no_grad, backward_scan, forward_with_residuals, param_grads, previous
+from ._bptt import Residuals, as_dtypes_of, backward_scan, forward_with_residuals, no_grad, param_grads, previous
 from ._cell import add_bias
 from ._precision import matmul
 from ._scan import plain_forward
 from ._types import Array, LSTMParams, LSTMState
-
-#: Where the kernels can be compiled; anywhere else they run only interpreted.
-PLATFORMS = ("cuda", "rocm", "tpu")
 
 
 def _is_pow2(n: int) -> bool:
     return n >= 1 and n & (n - 1) == 0
 
 
-def unsupported(params: LSTMParams, xs: Array, platform: str, *, checkpoint_every: Any) -> list[str]:
-    """Why this layer call cannot run on the Pallas kernels on ``platform`` (empty: it can).
+def unsupported(params: LSTMParams, xs: Array, platform: str | None, *, checkpoint_every: Any) -> list[str]:
+    """Why this layer call cannot run on the Pallas kernels (empty: it can).
 
-    ``platform`` is ``"gpu"`` (Triton), ``"tpu"`` (Mosaic) or ``"interpret"``.
+    ``platform`` is ``"gpu"`` (Triton), ``"tpu"`` (Mosaic), ``"interpret"``, or
+    ``None`` for the options no platform's kernels take (checked wherever
+    ``impl="pallas"`` is asked for, whatever the process runs on).
     """
     reasons = []
     if params.w_hr is not None:
@@ -70,8 +69,6 @@ def unsupported(params: LSTMParams, xs: Array, platform: str, *, checkpoint_ever
             reasons.append(f"on a GPU (Triton), a batch that is a power of two >= 16 (received {batch})")
     if platform == "tpu" and h % 128:
         reasons.append(f"on a TPU (Mosaic), a hidden size that is a multiple of 128 (received {h})")
-    if platform not in ("gpu", "tpu", "interpret"):
-        reasons.append(f"a GPU or TPU (this is {platform!r}; impl='pallas' runs elsewhere only with interpret=True)")
     return reasons
 
 
@@ -481,7 +478,7 @@ def _layer_bwd(reverse, unroll, interpret, saved, cotangents):
     d_pre, dz, d_state = _per_platform((params, res, dhs, d_final, valid, mask), kernels, scan, params, xs, interpret)
     grads = param_grads(params, xs, h_prev, res.cells, d_pre, dz, mask)
     dxs = (d_pre @ params.w_x.T.astype(d_pre.dtype)).astype(xs.dtype)
-    return _as_dtypes_of(grads, params), dxs, d_state, None, _no_grad(mask)
+    return as_dtypes_of(grads, params), dxs, d_state, None, no_grad(mask)
 
 
 layer.defvjp(_layer_fwd, _layer_bwd)

@@ -144,13 +144,14 @@ def test_on_the_cpu_pallas_runs_the_scan_and_what_the_kernels_cannot_run_is_name
     ref = jaxlstm.lstm(p, xs, seq_lengths=LENGTHS, impl="scan")
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
         np.testing.assert_array_equal(a, b)
-    with pytest.raises(ValueError, match=r"impl='pallas_interpret' cannot run this call.*checkpoint_every"):
-        jaxlstm.lstm(p, xs, impl="pallas_interpret", checkpoint_every=2)
     with pytest.raises(ValueError, match=r"cannot run bptt='autodiff'.*impl='scan'"):
         jaxlstm.lstm(p, xs, impl="pallas_interpret", bptt="autodiff")
     lstmp = jaxlstm.init_params(jax.random.key(0), I, H, proj_size=2)
-    with pytest.raises(ValueError, match=r"the Pallas kernels need: no projection"):
-        jaxlstm.lstm(lstmp, xs.astype(jnp.float32), impl="pallas_interpret")
+    for impl in ("pallas_interpret", "pallas"):  # refused on the CPU too, where "pallas" lowers to the scan
+        with pytest.raises(ValueError, match=r"the Pallas kernels need: no projection"):
+            jaxlstm.lstm(lstmp, xs.astype(jnp.float32), impl=impl)
+        with pytest.raises(ValueError, match=r"cannot run this call.*checkpoint_every"):
+            jaxlstm.lstm(p, xs, impl=impl, checkpoint_every=2)
     gpu = "; ".join(_pallas.unsupported(p, jnp.ones((T, 3, I)), "gpu", checkpoint_every=None))
     assert "hidden size that is a power of two >= 16 (received 5)" in gpu and "batch" in gpu
     assert "multiple of 128 (received 5)" in "; ".join(_pallas.unsupported(p, xs, "tpu", checkpoint_every=None))

@@ -29,8 +29,7 @@ def test_notebook_runs(path):
         [sys.executable, str(RUNNER), "--quick", "--check", str(path)],
         capture_output=True,
         text=True,
-        # 04 trains for 800 steps even in quick mode: bound by run time, not compile time
-        env=fast_compile_env() if path.stem != "04_long_term_memory" else None,
+        env=fast_compile_env(),
         timeout=900,
     )
     # nbclient raises CellExecutionError naming the failing cell and its traceback

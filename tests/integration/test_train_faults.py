@@ -11,7 +11,6 @@ traceback or lose a checkpoint that was saved.
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import queue
 import shutil
@@ -24,6 +23,8 @@ import time
 import jax
 import numpy as np
 import pytest
+
+from tests.helpers.processes import default_compile_env
 
 pytestmark = pytest.mark.slow
 
@@ -62,8 +63,10 @@ ENV: dict = {}
 def corpus(tmp_path_factory):
     global TEXT
     # one compilation cache for all the processes here: each start-up compiles in a fraction of the time
+    # XLA's default optimisation (the test session compiles at a cheaper level, see tests/conftest.py):
+    # these runs are bound by run time, and compile from the shared cache after the first
     ENV.update(
-        os.environ,
+        default_compile_env(),
         PYTHONUNBUFFERED="1",
         JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax-cache")),
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",

@@ -270,6 +270,23 @@ def _compiler_params(platform: str) -> Any:
     return None
 
 
+def _call(
+    kernel: Any, name: str, platform: str, batch: int, args: list, kinds: list, outs: list, out_kinds: list
+) -> Any:
+    """``pallas_call`` over a grid of batch blocks; ``kinds``, ``out_kinds``: how each array is cut (:func:`_specs`)."""
+    block = _block_batch(platform, batch)
+    return pl.pallas_call(
+        kernel,
+        out_shape=outs,
+        grid=(batch // block,),
+        in_specs=_specs(block, [(k, jnp.shape(a)) for k, a in zip(kinds, args)]),
+        out_specs=_specs(block, [(k, o.shape) for k, o in zip(out_kinds, outs)]),
+        interpret=platform == "interpret",
+        compiler_params=_compiler_params(platform),
+        name=name,
+    )(*args)
+
+
 def _flat(a: Array, batch: int) -> Array:
     """``(T, *B, n)`` -> ``(T, B, n)``."""
     return a.reshape((a.shape[0], batch, a.shape[-1]))
@@ -329,19 +346,9 @@ def forward(
         state.cell.reshape(batch, h),
         state.hidden.reshape(batch, h),
     ]
-    block = _block_batch(platform, batch)
     kinds = ["t", "t", "b", "w", "w", "w", "b", "b"]
     out_kinds = ["t", "t" if save else "w", "t" if save else "w", "t" if save and output_map else "w", "b", "b"]
-    hs, gates, cells, u, c_t, h_t = pl.pallas_call(
-        kernel,
-        out_shape=outs,
-        grid=(batch // block,),
-        in_specs=_specs(block, [(k, jnp.shape(a)) for k, a in zip(kinds, args)]),
-        out_specs=_specs(block, [(k, o.shape) for k, o in zip(out_kinds, outs)]),
-        interpret=platform == "interpret",
-        compiler_params=_compiler_params(platform),
-        name="jaxlstm_forward",
-    )(*args)
+    hs, gates, cells, u, c_t, h_t = _call(kernel, "jaxlstm_forward", platform, batch, args, kinds, outs, out_kinds)
     hs = hs.reshape((num_steps,) + batch_shape + (h,))
     final = LSTMState(c_t.reshape(batch_shape + (h,)), h_t.reshape(batch_shape + (h,)))
     if not save:
@@ -395,19 +402,9 @@ def backward(
         d_final.cell.reshape(batch, h),
         d_final.hidden.reshape(batch, h),
     ]
-    block = _block_batch(platform, batch)
     kinds = ["t", "t", "t" if output_map else "w", "t", "t", "b", "w", "w", "b", "b", "b"]
     out_kinds = ["t", "t" if output_map else "w", "b", "b"]
-    d_pre, dz, dc0, dh0 = pl.pallas_call(
-        kernel,
-        out_shape=outs,
-        grid=(batch // block,),
-        in_specs=_specs(block, [(k, jnp.shape(a)) for k, a in zip(kinds, args)]),
-        out_specs=_specs(block, [(k, o.shape) for k, o in zip(out_kinds, outs)]),
-        interpret=platform == "interpret",
-        compiler_params=_compiler_params(platform),
-        name="jaxlstm_backward",
-    )(*args)
+    d_pre, dz, dc0, dh0 = _call(kernel, "jaxlstm_backward", platform, batch, args, kinds, outs, out_kinds)
     t_shape = (num_steps,) + batch_shape
     d_pre = d_pre.reshape(t_shape + (4 * h,))
     dz_out = dz.reshape(t_shape + (h,)) if output_map else None

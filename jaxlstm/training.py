@@ -469,9 +469,10 @@ class StopRequest:
 
     The first signal sets :attr:`signal` and returns: the step in flight
     finishes, is saved, and the loop stops. A second signal raises
-    ``KeyboardInterrupt`` at once (for a user who cannot wait); :func:`fit`
-    then saves the state only if it is intact, and the earlier checkpoints
-    stay as they were in any case. Outside the main thread, where Python
+    ``KeyboardInterrupt`` at once (for a user who cannot wait), except inside
+    a :meth:`deferred` block, which it ends first (:func:`fit` runs each step
+    and its bookkeeping in one); :func:`fit` then saves the state only if it
+    is intact, and the earlier checkpoints stay as they were in any case. Outside the main thread, where Python
     cannot install handlers, it does nothing.
     """
 

@@ -126,6 +126,18 @@ def test_device_script_runs_on_the_cpu_and_names_what_it_skips(tmp_path):
     assert "| 2, 6, 4, 4 | bfloat16 | jaxlstm scan (classic) |" in (tmp_path / "device.md").read_text()
 
 
+def test_xla_flags_script_writes_its_table(tmp_path):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "xla_flags.py"), "--quick", "--out", str(tmp_path)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=fast_compile_env())
+    assert out.returncode == 0, out.stderr[-2000:]
+    data = json.loads((tmp_path / "xla_flags.json").read_text())
+    row = data["ms"]["main job training step, output-map cell"]
+    assert set(row) == {"XLA defaults", "--xla_cpu_use_xnnpack=true"}
+    assert all(len(v) == 1 and v[0] > 0 for v in row.values())
+    text = (tmp_path / "xla_flags.md").read_text()
+    assert "| main job training step, output-map cell |" in text and "(1.00)" in text
+
+
 def _import_benchmark(name):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:

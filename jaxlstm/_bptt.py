@@ -25,6 +25,7 @@ whole sequence, the checkpointed backward once per recomputed chunk.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -256,12 +257,15 @@ def chunk_backward(
     mask: Array | None,
     reverse: bool,
     unroll: int | bool,
+    reverse_pass: Callable[..., tuple] | None = None,
 ) -> tuple[LSTMParams, Array, LSTMState]:
     """The backward pass over one stretch of time: ``(weight gradients, dxs, d_start)``.
 
     ``start`` is the state before the stretch's first processed step, ``res``
     and ``hs`` its forward residuals and outputs, ``dhs`` the outputs'
     cotangents and ``d_end`` the cotangent of the state after it.
+    ``reverse_pass`` (default :func:`backward_scan`, with its arguments and
+    results) runs the loop over time; the Pallas path passes its kernel there.
     """
     h_prev = previous(hs.astype(start.hidden.dtype), start.hidden, valid, reverse)
     gamma_o = None
@@ -269,7 +273,7 @@ def chunk_backward(
         h = params.hidden_size
         u = res.u if res.u is not None else jnp.tanh(res.cells)
         gamma_o = res.gates[..., 3 * h :] * u
-    d_pre, dz, d_start, da = backward_scan(params, res, start.cell, dhs, d_end, valid, mask, reverse)
+    d_pre, dz, d_start, da = (reverse_pass or backward_scan)(params, res, start.cell, dhs, d_end, valid, mask, reverse)
     grads = param_grads(params, xs, h_prev, res.cells, d_pre, dz, mask, gamma_o, da)
     dxs = (d_pre @ params.w_x.T.astype(d_pre.dtype)).astype(xs.dtype)
     return grads, dxs, d_start

@@ -91,7 +91,7 @@ def run_time_major(
     if mask is not None:
         mask = jax.lax.stop_gradient(mask)
     if pallas is not None:
-        return _pallas.dispatch(params, xs, state, valid, mask, reverse, unroll, pallas == "pallas:interpret")
+        return _pallas.layer(params, xs, state, valid, mask, reverse, unroll, pallas == "pallas:interpret")
     if bptt == "autodiff":
         compute = None
         if params.dtype in HALF:  # autodiff sums the weight gradients in the dtype of what it differentiates

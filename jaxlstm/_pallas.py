@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from ._bptt import Residuals, as_dtypes_of, backward_scan, forward_with_residuals, no_grad, param_grads, previous
+from ._bptt import Residuals, as_dtypes_of, backward_scan, chunk_backward, forward_with_residuals, no_grad
 from ._cell import add_bias
 from ._precision import matmul
 from ._scan import plain_forward
@@ -414,30 +414,29 @@ def backward(
 # ---------------------------------------------------------------- the layer
 
 
-def _targets(params: LSTMParams, xs: Array, interpret: bool) -> dict[str, str]:
-    """``{jax platform: kernel platform}`` for the platforms whose kernels can take this call."""
-    if interpret:
-        return {}
-    out = {}
-    for name, platform in (("cuda", "gpu"), ("rocm", "gpu"), ("tpu", "tpu")):
-        if not unsupported(params, xs, platform, checkpoint_every=None):
-            out[name] = platform
-    return out
-
-
 def _per_platform(args: tuple, kernels: Any, scan: Any, params: LSTMParams, xs: Array, interpret: bool) -> Any:
-    """``kernels(platform, *args)`` on each platform with kernels, ``scan(*args)`` elsewhere, chosen at
-    lowering time (``jax.lax.platform_dependent``); ``interpret``: the interpreted kernels everywhere."""
+    """``kernels(platform, *args)`` on each platform whose kernels can take this call (Triton on
+    ``cuda``/``rocm``, Mosaic on ``tpu``), ``scan(*args)`` elsewhere, chosen at lowering time
+    (``jax.lax.platform_dependent``); ``interpret``: the interpreted kernels everywhere."""
     if interpret:
         return kernels("interpret", *args)
-    branches = {name: functools.partial(kernels, platform) for name, platform in _targets(params, xs, False).items()}
+    branches = {
+        name: functools.partial(kernels, platform)
+        for name, platform in (("cuda", "gpu"), ("rocm", "gpu"), ("tpu", "tpu"))
+        if not unsupported(params, xs, platform, checkpoint_every=None)
+    }
     return jax.lax.platform_dependent(*args, default=scan, **branches)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
 def layer(params, xs, state, valid, mask, reverse, unroll, interpret):
-    """One time-major layer: the kernels where the program is lowered for a platform that has them, the scan
-    elsewhere (see :func:`dispatch`), with the matching hand-written backward pass."""
+    """``impl="pallas"``, one time-major layer: each platform the program is lowered for gets its own
+    kernels, chosen at lowering time by ``jax.lax.platform_dependent``, so one exported program carries
+    the right path for each; a platform without kernels (the CPU), or one whose kernels cannot take
+    this call's sizes, runs the scan with the hand-written backward pass. The choice sits inside the
+    forward and the backward pass of one ``custom_vjp`` (both paths keep the same residuals), so
+    differentiation never transforms it. ``interpret``: the kernels through the Pallas interpreter,
+    on any platform."""
 
     def kernels(platform: str, params: Any, xs: Any, state: Any, valid: Any, mask: Any) -> Any:
         hs, final, _ = forward(params, xs, state, valid, mask, reverse, platform, save=False)
@@ -463,39 +462,21 @@ def _layer_fwd(params, xs, state, valid, mask, reverse, unroll, interpret):
 def _layer_bwd(reverse, unroll, interpret, saved, cotangents):
     params, xs, state, valid, mask, hs, res = saved
     dhs, d_final = cotangents
-    h_prev = previous(hs.astype(state.hidden.dtype), state.hidden, valid, reverse)
 
-    def kernels(platform: str, params: Any, res: Any, dhs: Any, d_final: Any, valid: Any, mask: Any) -> Any:
-        return backward(params, res, state.cell, dhs, d_final, valid, mask, reverse, platform)
+    def reverse_pass(params: Any, res: Any, first: Any, dhs: Any, d_end: Any, valid: Any, mask: Any, rev: bool) -> Any:
+        def kernels(platform: str, params: Any, res: Any, dhs: Any, d_end: Any, valid: Any, mask: Any) -> Any:
+            d_pre, dz, d_start = backward(params, res, first, dhs, d_end, valid, mask, rev, platform)
+            return d_pre, dz, d_start, None  # no projection: no dA
 
-    def scan(params: Any, res: Any, dhs: Any, d_final: Any, valid: Any, mask: Any) -> Any:
-        d_pre, dz, d_state, _ = backward_scan(params, res, state.cell, dhs, d_final, valid, mask, reverse)
-        return d_pre, dz, d_state
+        def scan(params: Any, res: Any, dhs: Any, d_end: Any, valid: Any, mask: Any) -> Any:
+            return backward_scan(params, res, first, dhs, d_end, valid, mask, rev)
 
-    d_pre, dz, d_state = _per_platform((params, res, dhs, d_final, valid, mask), kernels, scan, params, xs, interpret)
-    grads = param_grads(params, xs, h_prev, res.cells, d_pre, dz, mask)
-    dxs = (d_pre @ params.w_x.T.astype(d_pre.dtype)).astype(xs.dtype)
+        return _per_platform((params, res, dhs, d_end, valid, mask), kernels, scan, params, xs, interpret)
+
+    grads, dxs, d_state = chunk_backward(
+        params, xs, state, res, hs, dhs, d_final, valid, mask, reverse, unroll, reverse_pass=reverse_pass
+    )
     return as_dtypes_of(grads, params), dxs, d_state, None, no_grad(mask)
 
 
 layer.defvjp(_layer_fwd, _layer_bwd)
-
-
-def dispatch(
-    params: LSTMParams,
-    xs: Array,
-    state: LSTMState,
-    valid: Array | None,
-    mask: Array | None,
-    reverse: bool,
-    unroll: int | bool,
-    interpret: bool,
-) -> tuple[Array, LSTMState]:
-    """``impl="pallas"``: each platform the program is lowered for gets its own kernels (Triton on
-    ``cuda``/``rocm``, Mosaic on ``tpu``), chosen at lowering time by ``jax.lax.platform_dependent``,
-    so one exported program carries the right path for each; a platform without kernels (the CPU),
-    or one whose kernels cannot take this call's sizes, runs the scan with the hand-written backward
-    pass. The choice sits inside the forward and the backward pass of one ``custom_vjp`` (both paths
-    keep the same residuals), so differentiation never transforms it. ``interpret``: the kernels
-    through the Pallas interpreter, on any platform."""
-    return layer(params, xs, state, valid, mask, reverse, unroll, interpret)

@@ -472,8 +472,9 @@ class StopRequest:
     ``KeyboardInterrupt`` at once (for a user who cannot wait), except inside
     a :meth:`deferred` block, which it ends first (:func:`fit` runs each step
     and its bookkeeping in one); :func:`fit` then saves the state only if it
-    is intact, and the earlier checkpoints stay as they were in any case. Outside the main thread, where Python
-    cannot install handlers, it does nothing.
+    is intact, and the earlier checkpoints stay as they were in any case.
+    Outside the main thread, where Python cannot install handlers, it does
+    nothing.
     """
 
     def __init__(self, notify: Callable[[str], None] | None = None):

@@ -76,7 +76,7 @@ def test_batch_blocks_give_the_same_result(monkeypatch):
     valid = jnp.arange(5)[:, None] < jnp.array([5, 2, 0, 4])[None, :]
 
     def run():  # traced afresh on each call (a new jit), so the block size is read again
-        return jax.jit(_loss(lambda p, x, s: _pallas.dispatch(p, x, s, valid, None, False, 1, True)))(p, xs, state)
+        return jax.jit(_loss(lambda p, x, s: _pallas.layer(p, x, s, valid, None, False, 1, True)))(p, xs, state)
 
     whole = run()
     monkeypatch.setitem(_pallas.BLOCK_BATCH, "interpret", 2)

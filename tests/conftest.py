@@ -4,7 +4,7 @@ Doctests in ``jaxlstm/`` run in JAX's default (float32) mode, as a user's sessio
 
 The suite compiles at LLVM's cheaper optimisation level (``FAST_COMPILE_FLAGS``, set here before
 JAX starts its backend, and inherited by the subprocesses): nearly every test compiles programs
-that then run a few steps, and this cuts the fast tier's time by about 30% (148 s -> 104 s on the
+that then run a few steps, and this cuts the fast tier's time by about 30% (115 s -> 82 s on the
 2-core machine). It changes the machine code XLA emits, not what is computed. Set
 ``JAXLSTM_TEST_FULL_OPTIMISATION=1`` to run the suite with XLA's default optimisation.
 """

@@ -6,9 +6,10 @@
 
 Everything but the framework is the main job's (``jaxlstm train`` with no
 arguments, read from :class:`jaxlstm.app.charlm.Config`): the embedded
-Shakespeare text and its split (the last 5% held out), random windows of
-``batch_size x (seq_len + 1)`` characters, ``Embed -> LSTM -> dropout ->
-Dense``, the forget-gate bias at 1, AdamW with global-norm clipping at 1.0,
+Shakespeare text and its split (the last 5% held out), the very same batches
+(``charlm.training_batches``: by default ``batch_size`` contiguous streams whose
+state carries from one step to the next, gradients cut between steps),
+``Embed -> dropout -> LSTM -> dropout -> Dense``, the forget-gate bias at 1, AdamW with global-norm clipping at 1.0,
 linear warm-up over 5% of the steps and cosine decay to 10%, and the held-out
 text read as 16 contiguous streams with the state carried. The LSTM is
 ``torch.nn.LSTM``, which has only the classic cell (``tanh(c)``): compare it
@@ -56,6 +57,7 @@ def build(vocab_size: int, cfg: charlm.Config):
                 dropout=cfg.dropout_rate if cfg.num_layers > 1 else 0.0,
             )
             self.drop = nn.Dropout(cfg.dropout_rate)
+            self.input_drop = nn.Dropout(cfg.input_dropout_rate)
             self.head = nn.Linear(cfg.hidden_size, vocab_size)
             H = cfg.hidden_size
             with torch.no_grad():  # PyTorch's gate order is i, f, g, o: the forget bias at 1, as jaxlstm's
@@ -64,7 +66,7 @@ def build(vocab_size: int, cfg: charlm.Config):
                     getattr(self.lstm, f"bias_hh_l{layer}")[H : 2 * H] = 0.0
 
         def forward(self, tokens, state=None):
-            ys, state = self.lstm(self.embed(tokens), state)
+            ys, state = self.lstm(self.input_drop(self.embed(tokens)), state)
             return self.head(self.drop(ys)), state
 
     return CharLM()
@@ -111,23 +113,23 @@ def run(cfg: charlm.Config, budget: float, text: str, log=print) -> dict:
     torch.set_num_threads(os.cpu_count() or 1)
     vocab = "".join(sorted(set(text)))
     train_text, valid_text = charlm.split_text(text, cfg.seq_len)
-    train = torch.as_tensor(charlm.encode(train_text, vocab), dtype=torch.long)
+    batches = charlm.training_batches(cfg, charlm.encode(train_text, vocab))
     model = build(len(vocab), cfg)
     evaluate = evaluator(model, charlm.encode(valid_text, vocab), cfg.seq_len)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     warmup = max(1, cfg.steps // 20) if cfg.warmup_steps is None else cfg.warmup_steps
     lr = schedule(cfg.learning_rate, cfg.steps, warmup)
-    rng = np.random.default_rng(cfg.seed + 1)
-    offsets = torch.arange(cfg.seq_len + 1)
+    batches(0)  # compiled before the clock starts
     curve = []
+    state = None
     t0 = time.perf_counter()
     step = 0
     while step < cfg.steps and time.perf_counter() - t0 < budget:
         for group in opt.param_groups:
             group["lr"] = lr(step)
-        starts = torch.as_tensor(rng.integers(0, len(train) - cfg.seq_len - 1, cfg.batch_size))
-        batch = train[starts[:, None] + offsets[None, :]]
-        logits, _ = model(batch[:, :-1])
+        batch = torch.as_tensor(np.asarray(batches(step)), dtype=torch.long)
+        logits, state = model(batch[:, :-1], state if cfg.streams else None)
+        state = tuple(s.detach() for s in state)  # truncated BPTT: the state carries, its gradient does not
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()

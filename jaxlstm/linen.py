@@ -381,8 +381,10 @@ class CharLM(nn.Module):
     """``Embed -> LSTM -> Dense``: a character (token) language model.
 
     ``dropout_rate`` applies between stacked layers and to the last layer's
-    outputs before ``Dense`` (the non-recurrent connections, as in Zaremba et
-    al., 2014); ``recurrent_dropout_rate`` inside the recurrence.
+    outputs before ``Dense``, ``input_dropout_rate`` to the embedded
+    characters before the first layer (together, the non-recurrent
+    connections, as in Zaremba et al., 2014); ``recurrent_dropout_rate``
+    inside the recurrence.
 
     Call: ``apply(variables, tokens, initial_state=None, deterministic=None,
     return_state=False)`` with integer ``tokens`` ``(B, T)``; returns next-token
@@ -409,10 +411,13 @@ class CharLM(nn.Module):
     recurrent_dropout_rate: float = 0.0
     bptt: str | None = None
     backward: str | None = None
+    input_dropout_rate: float = 0.0
 
     @nn.compact
     def __call__(self, tokens, initial_state=None, deterministic: bool | None = None, return_state: bool = False):
         x = nn.Embed(self.vocab_size, self.embed_dim)(tokens)
+        if self.input_dropout_rate > 0.0:
+            x = nn.Dropout(self.input_dropout_rate)(x, deterministic=deterministic)
         ys, states = LSTM(
             self.hidden_size,
             num_layers=self.num_layers,

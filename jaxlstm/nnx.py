@@ -393,7 +393,9 @@ class CharLM(nnx.Module):
     """``Embed -> LSTM -> Linear``: a character (token) language model.
 
     ``dropout_rate`` applies between stacked layers and to the last layer's
-    outputs before ``Linear``; ``recurrent_dropout_rate`` inside the recurrence.
+    outputs before ``Linear``; ``input_dropout_rate`` to the embedded
+    characters before the first layer; ``recurrent_dropout_rate`` inside the
+    recurrence.
 
     Call: ``model(tokens, initial_state=None, deterministic=None,
     return_state=False)``; returns next-token logits ``(B, T, vocab_size)``
@@ -418,11 +420,13 @@ class CharLM(nnx.Module):
         output_transform: bool = True,
         dropout_rate: float = 0.0,
         recurrent_dropout_rate: float = 0.0,
+        input_dropout_rate: float = 0.0,
         bptt: str | None = None,
         backward: str | None = None,
         rngs: nnx.Rngs,
     ):
         self.embed = nnx.Embed(vocab_size, embed_dim, rngs=rngs)
+        self.input_drop = nnx.Dropout(input_dropout_rate, rngs=rngs) if input_dropout_rate > 0.0 else nnx.data(None)
         self.lstm = LSTM(
             embed_dim,
             hidden_size,
@@ -438,7 +442,10 @@ class CharLM(nnx.Module):
         self.drop = nnx.Dropout(dropout_rate, rngs=rngs) if dropout_rate > 0.0 else nnx.data(None)
 
     def __call__(self, tokens, initial_state=None, deterministic: bool | None = None, return_state: bool = False):
-        ys, states = self.lstm(self.embed(tokens), initial_state, deterministic=deterministic, return_state=True)
+        x = self.embed(tokens)
+        if self.input_drop is not None:
+            x = self.input_drop(x, deterministic=deterministic)
+        ys, states = self.lstm(x, initial_state, deterministic=deterministic, return_state=True)
         if self.drop is not None:
             ys = self.drop(ys, deterministic=deterministic)
         logits = self.head(ys)

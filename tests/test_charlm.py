@@ -1,10 +1,10 @@
-"""The character-LM job's sampling filters against a NumPy reference."""
+"""The character-LM job: its sampling filters against a NumPy reference, its training batches."""
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlstm.app.charlm import RunError, check_sampling, filter_logits
+from jaxlstm.app.charlm import RunError, check_sampling, filter_logits, stream_batches, zero_carry
 
 
 def reference(logits, temperature, top_k, top_p):
@@ -47,3 +47,45 @@ def test_filter_logits_matches_reference(top_k, top_p):
 def test_sampling_options_are_checked(args, match):
     with pytest.raises(RunError, match=match):
         check_sampling(*args)
+
+
+# ------------------------------------------------------------------ training batches
+
+
+@pytest.mark.parametrize("n, batch, seq", [(1000, 4, 16), (997, 3, 7), (40, 8, 16)])
+def test_stream_batches_continue_each_row_where_the_last_step_stopped(n, batch, seq):
+    tokens = np.arange(n, dtype=np.int32)  # a token's value is its position
+    batches = stream_batches(tokens, batch, seq, seed=0)
+    arc = n // batch
+    per_epoch = max(1, arc // seq)
+    steps = [np.asarray(batches(s)) for s in range(2 * per_epoch + 1)]
+    for s, b in enumerate(steps):
+        assert b.shape == (batch, seq + 1) and b.dtype == np.int32
+        np.testing.assert_array_equal(np.diff(b, axis=1) % n, 1)  # contiguous text (the ring wraps at n)
+        if (s + 1) % per_epoch and s + 1 < len(steps):  # within an epoch: the next row starts at this one's end
+            np.testing.assert_array_equal(steps[s + 1][:, 0], b[:, -1])
+    if arc >= seq:  # one epoch reads each token as an input at most once, per_epoch * seq of each arc
+        inputs = np.concatenate([b[:, :-1].ravel() for b in steps[:per_epoch]])
+        assert len(np.unique(inputs)) == inputs.size == batch * per_epoch * seq
+    # a new epoch starts the arcs elsewhere, and the batches are a pure function of the step
+    assert not np.array_equal(steps[per_epoch][:, 0], steps[0][:, 0])
+    again = stream_batches(tokens, batch, seq, seed=0)
+    np.testing.assert_array_equal(np.asarray(again(per_epoch + 1)), steps[per_epoch + 1])
+
+
+def test_a_carried_state_reads_consecutive_batches_as_one_text():
+    """Step s from zeros, then step s + 1 from the state it left, gives the logits of the two rows read as one."""
+    import jax
+
+    from jaxlstm.linen import CharLM
+
+    tokens = np.asarray(np.random.default_rng(0).integers(0, 11, 600), np.int32)
+    batches = stream_batches(tokens, 3, 20, seed=5)
+    model = CharLM(vocab_size=11, embed_dim=4, hidden_size=8)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 20), jnp.int32))["params"]
+    first, second = batches(3), batches(4)
+    carry = zero_carry(model, params, 3, 20)
+    logits1, carry = model.apply({"params": params}, first[:, :-1], carry, return_state=True)
+    logits2 = model.apply({"params": params}, second[:, :-1], carry)
+    whole = model.apply({"params": params}, jnp.concatenate([first[:, :-1], second[:, :-1]], axis=1))
+    np.testing.assert_allclose(np.concatenate([logits1, logits2], axis=1), whole, rtol=1e-5, atol=1e-6)

@@ -334,3 +334,31 @@ def test_learned_initial_state(api, bidirectional, peer_promotion):
         g = nnx.grad(objective)(model)
         g_cell, g_hidden = g["initial_cell"][...], g["initial_hidden"][...]
     assert bool((jnp.abs(g_cell).sum(-1) > 0).all()) and bool((jnp.abs(g_hidden).sum(-1) > 0).all())
+
+
+def test_char_lm_input_dropout_drops_embedded_characters_only_in_training():
+    """Training mode feeds the LSTM the embedding with a fraction ~p of its entries zeroed and the rest scaled
+    by 1 / (1 - p); deterministic mode is the model without it (both APIs)."""
+    p = 0.4
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, 20, size=(8, 50)), jnp.int32)
+    lm = jl.CharLM(20, 16, 12, input_dropout_rate=p)
+    v = lm.init(jax.random.key(0), tokens, deterministic=True)
+    plain = jl.CharLM(20, 16, 12).apply(v, tokens)
+    np.testing.assert_array_equal(lm.apply(v, tokens, deterministic=True), plain)
+    logits, inter = lm.apply(
+        v, tokens, deterministic=False, rngs={"dropout": jax.random.key(3)}, capture_intermediates=True, mutable=True
+    )
+    x = inter["intermediates"]["Dropout_0"]["__call__"][0]
+    embedded = np.asarray(v["params"]["Embed_0"]["embedding"])[np.asarray(tokens)]
+    kept = x != 0
+    np.testing.assert_allclose(np.asarray(x)[kept], embedded[kept] / (1 - p), rtol=1e-6)
+    assert abs(1 - kept.mean() - p) < 0.03  # 6400 entries: 3 standard deviations ~ 0.018
+    layers = jl.LSTM(12).layers({"params": v["params"]["LSTM_0"]})
+    ys, _ = jaxlstm.lstm_stack(layers, x)
+    dense = v["params"]["Dense_0"]
+    np.testing.assert_allclose(logits, ys @ dense["kernel"] + dense["bias"][None, None], rtol=1e-5, atol=1e-6)
+    nlm = jn.CharLM(20, 16, 12, input_dropout_rate=p, rngs=nnx.Rngs(0))
+    nplain = jn.CharLM(20, 16, 12, rngs=nnx.Rngs(0))
+    nnx.update(nlm, nnx.state(nplain, nnx.Param))
+    np.testing.assert_array_equal(nlm(tokens, deterministic=True), nplain(tokens))
+    assert not np.allclose(nlm(tokens, deterministic=False), nplain(tokens))

@@ -39,7 +39,7 @@ from ..linen import CharLM
 DEFAULT_CORPUS = "shakespeare.txt.gz"
 VALID_FRACTION = 0.05
 FORMAT = "jaxlstm-charlm"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 #: Fields added in format version 2, with the values that reproduce a version-1 run.
 _ADDED_IN_2 = {
     "dropout_rate": 0.0,
@@ -49,6 +49,8 @@ _ADDED_IN_2 = {
     "log_every": 10,
     "patience": 0,
 }
+#: Fields added in format version 3, with the values that reproduce a version-1 or -2 run.
+_ADDED_IN_3 = {"streams": False, "input_dropout_rate": 0.0}
 LOCK_NAME = ".jaxlstm.lock"
 #: Everything a run writes in its folder; ``--overwrite`` removes these and nothing else.
 RUN_FILES = (
@@ -79,11 +81,11 @@ class Config:
     """Everything that defines a run. The fields in :data:`IDENTITY` may not change on ``--resume``."""
 
     embed_dim: int = 64
-    hidden_size: int = 256
+    hidden_size: int = 384
     num_layers: int = 1
     seq_len: int = 128
     batch_size: int = 32
-    steps: int = 2800
+    steps: int = 3200
     learning_rate: float = 4e-3
     seed: int = 0
     eval_every: int = 400
@@ -93,12 +95,14 @@ class Config:
     text_sha256: str = ""
     vocab: str = ""
     schedule_steps: int = 0  # the steps the learning-rate schedule was built for (0: ``steps``)
-    dropout_rate: float = 0.2
+    dropout_rate: float = 0.3
     recurrent_dropout_rate: float = 0.0
     weight_decay: float = 0.0
     warmup_steps: int | None = None  # None: 5% of the schedule
     log_every: int = 100
     patience: int = 0  # evaluations without a better held-out figure before stopping (0: never)
+    streams: bool = True  # contiguous streams with the state carried between batches (False: random windows)
+    input_dropout_rate: float = 0.1
 
 
 #: Fields that define the trained function and its data; ``--resume`` refuses to change them.
@@ -115,6 +119,8 @@ IDENTITY = (
     "recurrent_dropout_rate",
     "weight_decay",
     "warmup_steps",
+    "streams",
+    "input_dropout_rate",
 )
 #: Command-line names of the fields, for messages.
 FLAGS = {
@@ -136,6 +142,8 @@ FLAGS = {
     "warmup_steps": "--warmup",
     "log_every": "--log-every",
     "patience": "--patience",
+    "streams": "--random-windows",
+    "input_dropout_rate": "--input-dropout",
 }
 _POSITIVE_INTS = (
     "embed_dim",
@@ -162,8 +170,9 @@ def check_config(cfg: Config, source: str) -> Config:
         problems.append(f"learning_rate must be a finite positive number, not {lr!r}")
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
         problems.append(f"seed must be an integer, not {cfg.seed!r}")
-    if not isinstance(cfg.output_transform, bool):
-        problems.append(f"output_transform must be true or false, not {cfg.output_transform!r}")
+    for name in ("output_transform", "streams"):
+        if not isinstance(getattr(cfg, name), bool):
+            problems.append(f"{name} must be true or false, not {getattr(cfg, name)!r}")
     if cfg.text is not None and not isinstance(cfg.text, str):
         problems.append(f"text must be a path or null, not {cfg.text!r}")
     for name in ("text_sha256", "vocab"):
@@ -176,7 +185,7 @@ def check_config(cfg: Config, source: str) -> Config:
     w = cfg.warmup_steps
     if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 0):
         problems.append(f"warmup_steps must be a non-negative integer or null, not {w!r}")
-    for name in ("dropout_rate", "recurrent_dropout_rate"):
+    for name in ("dropout_rate", "recurrent_dropout_rate", "input_dropout_rate"):
         v = getattr(cfg, name)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
             problems.append(f"{name} must lie in [0, 1), not {v!r}")
@@ -272,6 +281,50 @@ def window_batches(tokens: np.ndarray, batch_size: int, seq_len: int, seed: int)
     return lambda step: batch_at(jnp.asarray(step, jnp.int32))
 
 
+def stream_batches(tokens: np.ndarray, batch_size: int, seq_len: int, seed: int):
+    """``batch_fn(step)``: ``batch_size`` contiguous streams of text, ``seq_len + 1`` tokens per row and step.
+
+    The text is read as a ring cut into ``batch_size`` equal arcs, one per row. Row ``b`` of step
+    ``s + 1`` continues row ``b`` of step ``s``: its first token is the last one of step ``s``'s row
+    (the last target there, the first input here), so a state carried from one step to the next has
+    read exactly the text before the row. An epoch is the ``arc // seq_len`` steps that read each arc
+    once; every epoch starts the arcs at a new random offset. A pure function of the step.
+    """
+    data = jnp.asarray(tokens)
+    n = data.shape[0]
+    arc = n // batch_size
+    per_epoch = max(1, arc // seq_len)
+    key = jax.random.key(seed + 1)
+    offsets_in = jnp.arange(seq_len + 1, dtype=jnp.int32)
+    rows = jnp.arange(batch_size, dtype=jnp.int32)
+
+    @jax.jit
+    def batch_at(step):
+        epoch, k = step // per_epoch, step % per_epoch
+        shift = jax.random.randint(jax.random.fold_in(key, epoch), (), 0, n, dtype=jnp.int32)
+        starts = shift + rows * arc + k * seq_len
+        return data[(starts[:, None] + offsets_in[None, :]) % n]
+
+    return lambda step: batch_at(jnp.asarray(step, jnp.int32))
+
+
+def training_batches(cfg: Config, tokens: np.ndarray):
+    """The run's ``batch_fn``: :func:`stream_batches` when ``cfg.streams``, else :func:`window_batches`."""
+    make = stream_batches if cfg.streams else window_batches
+    return make(tokens, cfg.batch_size, cfg.seq_len, cfg.seed)
+
+
+def zero_carry(model: CharLM, params, batch_size: int, seq_len: int):
+    """The recurrent state that :func:`stream_batches` training starts from: zeros, one batch row per stream."""
+    shapes = jax.eval_shape(
+        lambda p: model.apply(
+            {"params": p}, jnp.zeros((batch_size, seq_len), jnp.int32), deterministic=True, return_state=True
+        )[1],
+        params,
+    )
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
 # ------------------------------------------------------------------ model and loss
 
 
@@ -284,6 +337,7 @@ def build(cfg: Config) -> CharLM:
         output_transform=cfg.output_transform,
         dropout_rate=cfg.dropout_rate,
         recurrent_dropout_rate=cfg.recurrent_dropout_rate,
+        input_dropout_rate=cfg.input_dropout_rate,
     )
 
 
@@ -470,11 +524,14 @@ def read_config(run_dir: pathlib.Path) -> Config:
     if data is None:
         raise RunError(f"{run_dir} is not a jaxlstm run folder (no config.json). Point at the --out of a training run.")
     version = data.get("format_version")
-    if version not in (1, FORMAT_VERSION):
-        raise RunError(f"{path} has format version {version!r}; this jaxlstm reads 1 and {FORMAT_VERSION}.")
+    if version not in (1, 2, FORMAT_VERSION):
+        raise RunError(f"{path} has format version {version!r}; this jaxlstm reads 1 to {FORMAT_VERSION}.")
     fields = {k: v for k, v in data.items() if k not in ("format", "format_version")}
-    if version == 1:  # a run from before these options: they keep the values it was trained with
+    # a run from before these options: they keep the values it was trained with
+    if version == 1:
         fields = {**_ADDED_IN_2, **fields}
+    if version in (1, 2):
+        fields = {**_ADDED_IN_3, **fields}
     known = {f.name for f in dataclasses.fields(Config)}
     unknown, missing = sorted(set(fields) - known), sorted(known - set(fields))
     if unknown or missing:
@@ -582,6 +639,8 @@ def _resume_config(saved: Config, options: dict, completed: int, log) -> Config:
             flag = FLAGS[name]
             if name == "output_transform":
                 diffs.append(f"{flag}: the run uses the {'output-map' if saved.output_transform else 'classic'} cell")
+            elif name == "streams":
+                diffs.append(f"{flag}: the run reads {'streams' if saved.streams else 'random windows'}")
             else:
                 diffs.append(f"{flag}: the run has {getattr(saved, name)!r}, the command line {options[name]!r}")
     if diffs:
@@ -729,7 +788,13 @@ def _train_locked(options: dict, out: pathlib.Path, stop, *, resume: bool, overw
         f"model: Embed({cfg.embed_dim}) -> LSTM({cfg.hidden_size} x {cfg.num_layers}, {cell}) -> Dense; "
         f"{n_params:,} parameters"
     )
-    batches = window_batches(encode(train_text, cfg.vocab), cfg.batch_size, cfg.seq_len, cfg.seed)
+    batches = training_batches(cfg, encode(train_text, cfg.vocab))
+    reads = (
+        f"{cfg.batch_size} contiguous streams, the state carried from step to step"
+        if cfg.streams
+        else f"{cfg.batch_size} random windows, each from a zero state"
+    )
+    log(f"batches: {reads}; {cfg.seq_len} characters per step")
     evaluator = make_evaluator(model, encode(valid_text, cfg.vocab), cfg.seq_len)
 
     last: dict = {}  # the latest training and held-out figures, for the plain lines
@@ -765,6 +830,7 @@ def _train_locked(options: dict, out: pathlib.Path, stop, *, resume: bool, overw
             batches,
             num_steps=cfg.steps,
             rng=jax.random.key(cfg.seed + 2),
+            carry=_initial_carry(cfg, model, state),
             eval_fn=evaluator,
             eval_every=cfg.eval_every,
             checkpoint_dir=out / "checkpoints",
@@ -859,6 +925,10 @@ def _state(cfg: Config):
     return model, training.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
 
 
+def _initial_carry(cfg: Config, model: CharLM, state):
+    return zero_carry(model, state.params, cfg.batch_size, cfg.seq_len) if cfg.streams else None
+
+
 def load(run_dir, log: Callable[[str], None] = print):
     """``(model, params, config)`` from the newest intact checkpoint of a run folder."""
     run_dir = pathlib.Path(run_dir)
@@ -869,7 +939,8 @@ def load(run_dir, log: Callable[[str], None] = print):
         raise RunError(f"{run_dir} holds no checkpoint yet: was the run stopped before its first save?")
     ckpt = training.Checkpointer(ckpt_dir, read_only=True)
     try:
-        step, snap = ckpt.restore(None, training.snapshot(state, jax.random.key(0), None), on_fallback=log)
+        template = training.snapshot(state, jax.random.key(0), _initial_carry(cfg, model, state))
+        step, snap = ckpt.restore(None, template, on_fallback=log)
     except training.CheckpointError as e:
         raise RunError(str(e)) from None
     finally:

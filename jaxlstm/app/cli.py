@@ -66,6 +66,7 @@ _TRAIN_FIELDS = {
     "save_every": "save_every",
     "dropout": "dropout_rate",
     "recurrent_dropout": "recurrent_dropout_rate",
+    "input_dropout": "input_dropout_rate",
     "weight_decay": "weight_decay",
     "warmup": "warmup_steps",
     "log_every": "log_every",
@@ -79,6 +80,8 @@ def _train(args: argparse.Namespace) -> int:
     options = {field: getattr(args, name) for name, field in _TRAIN_FIELDS.items() if getattr(args, name) is not None}
     if args.classic:
         options["output_transform"] = False
+    if args.random_windows:
+        options["streams"] = False
     stopped_by = charlm.train(
         options,
         args.out,
@@ -209,6 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--dropout", type=rate, default=None, help=f"dropout on the LSTM outputs, in [0, 1) (default {d.dropout_rate})"
     )
     train.add_argument(
+        "--input-dropout",
+        type=rate,
+        default=None,
+        help=f"dropout on the embedded characters (the LSTM's input), in [0, 1) (default {d.input_dropout_rate})",
+    )
+    train.add_argument(
         "--recurrent-dropout",
         type=rate,
         default=None,
@@ -245,6 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the classic cell (output gate tanh(c)) instead of the default cell with a learned output map "
         "tanh(W_o c + b_o)",
+    )
+    train.add_argument(
+        "--random-windows",
+        action="store_true",
+        help="train on independent random windows, each read from a zero state, instead of the default "
+        "contiguous streams whose state carries from one step to the next",
     )
     train.add_argument(
         "--no-progress",

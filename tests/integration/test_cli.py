@@ -380,13 +380,21 @@ def test_train_options_no_progress_lines_best_and_patience(tmp_path, text, capsy
     assert "--dropout: the run has 0.2, the command line 0.3" in msg
 
 
-def test_runs_of_format_version_1_still_resume(tmp_path, text, capsys):
+@pytest.mark.parametrize("version", [1, 2])
+def test_runs_of_earlier_format_versions_still_resume(tmp_path, text, capsys, version):
+    """Runs written before an option existed resume with the value they were trained with (random windows,
+    no carried state: their checkpoints hold none)."""
     out = tmp_path / "run"
-    assert cli("train", "--steps", "3", "--text", str(text), "--out", str(out), *SMALL) == 0
+    assert cli("train", "--steps", "3", "--text", str(text), "--out", str(out), "--random-windows", *SMALL) == 0
     config = json.loads((out / "config.json").read_text())
-    for key in ("dropout_rate", "recurrent_dropout_rate", "weight_decay", "warmup_steps", "log_every", "patience"):
+    added = {1: ["dropout_rate", "recurrent_dropout_rate", "weight_decay", "warmup_steps", "log_every", "patience"]}
+    for key in added.get(version, []) + ["streams", "input_dropout_rate"]:
         del config[key]
-    config["format_version"] = 1
+    config["format_version"] = version
     (out / "config.json").write_text(json.dumps(config))
     assert cli("train", "--steps", "6", "--resume", "--out", str(out), "--no-progress") == 0
-    assert json.loads((out / "config.json").read_text())["log_every"] == 10
+    resumed = json.loads((out / "config.json").read_text())
+    assert resumed["streams"] is False and resumed["input_dropout_rate"] == 0.0 and resumed["format_version"] == 3
+    if version == 1:
+        assert resumed["log_every"] == 10
+    assert cli("generate", "--checkpoint", str(out), "--length", "5") == 0

@@ -85,7 +85,7 @@ class Config:
     num_layers: int = 1
     seq_len: int = 128
     batch_size: int = 32
-    steps: int = 3200
+    steps: int = 3000
     learning_rate: float = 4e-3
     seed: int = 0
     eval_every: int = 400

@@ -127,7 +127,7 @@ def run(cfg: charlm.Config, budget: float, text: str, log=print) -> dict:
     while step < cfg.steps and time.perf_counter() - t0 < budget:
         for group in opt.param_groups:
             group["lr"] = lr(step)
-        batch = torch.as_tensor(np.asarray(batches(step)), dtype=torch.long)
+        batch = torch.as_tensor(np.array(batches(step)), dtype=torch.long)  # a writable copy
         logits, state = model(batch[:, :-1], state if cfg.streams else None)
         state = tuple(s.detach() for s in state)  # truncated BPTT: the state carries, its gradient does not
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))

@@ -124,10 +124,11 @@ def _final_state(out: pathlib.Path):
 
     with jax.enable_x64(False):  # as the command ran
         cfg = charlm.read_config(out)
-        _, state = charlm._state(cfg)
+        model, state = charlm._state(cfg)
         ckpt = training.Checkpointer(out / "checkpoints", read_only=True)
-        try:
-            step, snap = ckpt.restore(None, training.snapshot(state, jax.random.key(0), None))
+        try:  # the carried state too: a resumed run must continue each stream from where it stopped
+            template = training.snapshot(state, jax.random.key(0), charlm._initial_carry(cfg, model, state))
+            step, snap = ckpt.restore(None, template)
         finally:
             ckpt.close()
     return step, snap

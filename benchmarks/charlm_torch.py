@@ -3,12 +3,13 @@
     python benchmarks/charlm_torch.py                 # the defaults of `jaxlstm train`, 600 s at most
     python benchmarks/charlm_torch.py --budget 300    # stop at 300 s
     python benchmarks/charlm_torch.py --quick         # a smoke run (tiny model, a few steps)
+    python benchmarks/charlm_torch.py --streams       # against `jaxlstm train --streams`
 
 Everything but the framework is the main job's (``jaxlstm train`` with no
 arguments, read from :class:`jaxlstm.app.charlm.Config`): the embedded
 Shakespeare text and its split (the last 5% held out), the very same batches
-(``charlm.training_batches``: by default ``batch_size`` contiguous streams whose
-state carries from one step to the next, gradients cut between steps),
+(``charlm.training_batches``: random windows, or with ``--streams`` contiguous
+streams whose state carries from one step to the next, gradients cut between steps),
 ``Embed -> dropout -> LSTM -> dropout -> Dense``, the forget-gate bias at 1, AdamW with global-norm clipping at 1.0,
 linear warm-up over 5% of the steps and cosine decay to 10%, and the held-out
 text read as 16 contiguous streams with the state carried. The LSTM is
@@ -158,6 +159,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--budget", type=float, default=600.0, help="seconds of training at most (default: 600)")
     p.add_argument("--quick", action="store_true", help="a smoke run: tiny model, 6 steps (default: off)")
+    p.add_argument("--streams", action="store_true", help="as `jaxlstm train --streams`: carried-state streams")
     p.add_argument("--out", type=pathlib.Path, default=RESULTS, help="where to write charlm_torch.json")
     a = p.parse_args(argv)
     if not a.budget > 0:
@@ -172,6 +174,7 @@ def main(argv=None) -> int:
     if a.quick:
         cfg = charlm.Config(embed_dim=8, hidden_size=16, seq_len=16, batch_size=4, steps=6, eval_every=3)
         text = text[:20_000]
+    cfg.streams = a.streams
     try:
         result = run(cfg, a.budget, text, log=lambda m: print(m, flush=True))
     except KeyboardInterrupt:

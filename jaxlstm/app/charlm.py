@@ -101,7 +101,7 @@ class Config:
     warmup_steps: int | None = None  # None: 5% of the schedule
     log_every: int = 100
     patience: int = 0  # evaluations without a better held-out figure before stopping (0: never)
-    streams: bool = True  # contiguous streams with the state carried between batches (False: random windows)
+    streams: bool = False  # contiguous streams with the state carried between batches (False: random windows)
     input_dropout_rate: float = 0.1
 
 
@@ -142,7 +142,7 @@ FLAGS = {
     "warmup_steps": "--warmup",
     "log_every": "--log-every",
     "patience": "--patience",
-    "streams": "--random-windows",
+    "streams": "--streams",
     "input_dropout_rate": "--input-dropout",
 }
 _POSITIVE_INTS = (

@@ -385,7 +385,7 @@ def test_runs_of_earlier_format_versions_still_resume(tmp_path, text, capsys, ve
     """Runs written before an option existed resume with the value they were trained with (random windows,
     no carried state: their checkpoints hold none)."""
     out = tmp_path / "run"
-    assert cli("train", "--steps", "3", "--text", str(text), "--out", str(out), "--random-windows", *SMALL) == 0
+    assert cli("train", "--steps", "3", "--text", str(text), "--out", str(out), *SMALL) == 0
     config = json.loads((out / "config.json").read_text())
     added = {1: ["dropout_rate", "recurrent_dropout_rate", "weight_decay", "warmup_steps", "log_every", "patience"]}
     for key in added.get(version, []) + ["streams", "input_dropout_rate"]:

@@ -30,8 +30,10 @@ pytestmark = pytest.mark.slow
 
 STEPS = 60
 # H = 128, the size at which Ctrl-C used to land while the state was donated to the step; a save
-# every 10 steps keeps a checkpoint write in flight much of the time, so signals land in saves too
+# every 10 steps keeps a checkpoint write in flight much of the time, so signals land in saves too;
+# --streams: the checkpoints then hold the carried state as well, which a resume must restore
 ARGS = [
+    "--streams",
     "--steps",
     str(STEPS),
     "--seq-len",

@@ -426,7 +426,6 @@ class CharLM(nnx.Module):
         rngs: nnx.Rngs,
     ):
         self.embed = nnx.Embed(vocab_size, embed_dim, rngs=rngs)
-        self.input_drop = nnx.Dropout(input_dropout_rate, rngs=rngs) if input_dropout_rate > 0.0 else nnx.data(None)
         self.lstm = LSTM(
             embed_dim,
             hidden_size,
@@ -440,6 +439,8 @@ class CharLM(nnx.Module):
         )
         self.head = nnx.Linear(hidden_size, vocab_size, rngs=rngs)
         self.drop = nnx.Dropout(dropout_rate, rngs=rngs) if dropout_rate > 0.0 else nnx.data(None)
+        # made after every parameter, so that the dropout settings leave the initialisation as it is
+        self.input_drop = nnx.Dropout(input_dropout_rate, rngs=rngs) if input_dropout_rate > 0.0 else nnx.data(None)
 
     def __call__(self, tokens, initial_state=None, deterministic: bool | None = None, return_state: bool = False):
         x = self.embed(tokens)

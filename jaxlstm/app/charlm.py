@@ -288,7 +288,8 @@ def stream_batches(tokens: np.ndarray, batch_size: int, seq_len: int, seed: int)
     ``s + 1`` continues row ``b`` of step ``s``: its first token is the last one of step ``s``'s row
     (the last target there, the first input here), so a state carried from one step to the next has
     read exactly the text before the row. An epoch is the ``arc // seq_len`` steps that read each arc
-    once; every epoch starts the arcs at a new random offset. A pure function of the step.
+    once; every epoch starts the arcs at a new random offset (the carried state then meets unrelated
+    text, as at a document boundary). A pure function of the step.
     """
     data = jnp.asarray(tokens)
     n = data.shape[0]

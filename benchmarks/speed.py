@@ -6,8 +6,9 @@
 For each size (B, T, I, H) every implementation is compiled and warmed up,
 then timed in alternating rounds (each round measures every implementation
 once, in a rotating order; a measurement repeats a call until it lasts about
-100 ms), with ``block_until_ready``; the reported time is the median over
-rounds. Two workloads: the forward pass, and a training step
+100 ms, after a short idle gap so that no library pays for the spinning worker
+threads of the one before), with ``block_until_ready``; the reported time is
+the median over rounds. Two workloads: the forward pass, and a training step
 (forward + backward of ``sum(outputs ** 2)`` with respect to the weights).
 
 The machine's large-matmul rate is measured in the same run; each result is
@@ -30,6 +31,7 @@ import pathlib
 import platform
 import statistics
 import sys
+import time
 from collections.abc import Callable
 
 import jax
@@ -177,7 +179,7 @@ def flops(B, T, I, H, seed_cell: bool) -> float:
     return float(f)
 
 
-def bench_size(size, names, rounds: int, peak: float, progress: Callable | None = None) -> list[dict]:
+def bench_size(size, names, rounds: int, peak: float, progress: Callable | None = None, gap: float = 0.0) -> list[dict]:
     B, T, I, H = size
     prepared = {}
     rows = []
@@ -197,6 +199,7 @@ def bench_size(size, names, rounds: int, peak: float, progress: Callable | None 
         rotated = order[r % len(order) :] + order[: r % len(order)]
         for name in rotated:
             fwd, train, args, n_fwd, n_train = prepared[name]
+            time.sleep(gap)  # let the previous library's worker threads go idle (see --gap)
             times[name]["forward"].append(time_calls(fwd, args, n_fwd))
             times[name]["train"].append(time_calls(train, args, n_train))
         if progress:
@@ -340,6 +343,13 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--impls", type=str, default=None, help="comma-separated subset of: " + ", ".join(IMPLEMENTATIONS)
     )
+    parser.add_argument(
+        "--gap",
+        type=float,
+        default=0.25,
+        help="seconds of idle before each implementation's measurement (default 0.25): PyTorch's OpenMP threads "
+        "and XLA's thread pool keep spinning for a while after a call, taking a core from whatever runs next",
+    )
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
     args = parser.parse_args(argv)
 
@@ -365,6 +375,7 @@ def main(argv=None) -> int:
         peak_gflops=peak / 1e9,
         matmul_n=2048,
         rounds=rounds,
+        gap_s=args.gap,
         grid=[list(s) for s in grid],
         rows=[],
     )
@@ -372,7 +383,7 @@ def main(argv=None) -> int:
     try:
         for size in grid:
             bar.set_postfix_str(f"B,T,I,H={size}")
-            results["rows"] += bench_size(size, names, rounds, peak, progress=lambda: bar.update(1))
+            results["rows"] += bench_size(size, names, rounds, peak, progress=lambda: bar.update(1), gap=args.gap)
             save(results, args.out)
     except KeyboardInterrupt:
         print("\ninterrupted: keeping the sizes measured so far", file=sys.stderr)

@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from . import _feature_major
 from ._cell import step
 from ._types import Array, LSTMParams, LSTMState
 
@@ -82,8 +83,25 @@ def plain_forward(
 
     With ``compute_dtype`` (autodiff under half precision) ``params`` come in
     float32 and are rounded to it inside the loop, so that autodiff sums the
-    per-step weight gradients in float32.
+    per-step weight gradients in float32. Where it is faster (large hidden
+    sizes, :func:`jaxlstm._feature_major.applies`) the scan runs feature-major.
     """
+    if compute_dtype is None and _feature_major.applies(params, xs):
+        return _feature_major.forward(params, xs, state, valid, mask, reverse, unroll)
+    return row_major_forward(params, xs, state, valid, mask, reverse, unroll, compute_dtype)
+
+
+def row_major_forward(
+    params: LSTMParams,
+    xs: Array,
+    state: LSTMState,
+    valid: Array | None,
+    mask: Array | None,
+    reverse: bool,
+    unroll: int | bool,
+    compute_dtype: Any = None,
+) -> tuple[Array, LSTMState]:
+    """:func:`plain_forward` with states ``(*B, H)``, whatever the sizes."""
     w = stacked_weight(params, xs)
 
     def body(s: LSTMState, inputs: tuple[Array, Array | None]) -> tuple[LSTMState, Array]:

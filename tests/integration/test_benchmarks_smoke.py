@@ -22,6 +22,8 @@ def test_speed_script_writes_table_json_and_chart(tmp_path):
         "2",
         "--impls",
         "jaxlstm seed,jaxlstm classic,flax OptimizedLSTMCell",
+        "--gap",
+        "0",
         "--out",
         str(tmp_path),
     ]
@@ -32,6 +34,18 @@ def test_speed_script_writes_table_json_and_chart(tmp_path):
     assert all(r["forward_s"] > 0 and r["train_s"] > 0 for r in data["rows"])
     assert (tmp_path / "speed.png").stat().st_size > 0
     assert "| 2, 6, 3, 4 | jaxlstm seed |" in (tmp_path / "speed.md").read_text()
+
+
+def test_layout_script_measures_every_variant_and_names_the_choice(tmp_path):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "layout.py"), "--quick", "--rounds", "1", "--out", str(tmp_path)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=fast_compile_env())
+    assert out.returncode == 0, out.stderr[-2000:]
+    data = json.loads((tmp_path / "layout.json").read_text())
+    assert len(data["rows"]) == 4  # two sizes x two cells
+    for row in data["rows"]:
+        assert set(row["ms"]) == {"row", "feature, [a; x]", "feature, two"} and min(row["ms"].values()) > 0
+        assert row["chosen"] == ("feature, [a; x]" if row["size"][3] >= 512 else "row")  # B = 8: one matmul
+    assert "**" in (tmp_path / "layout.md").read_text()
 
 
 def test_adding_problem_script_runs(tmp_path):

@@ -1,0 +1,97 @@
+"""The forward scan with the features leading: states ``(H, B)``, one column per sequence.
+
+Same maths as :func:`jaxlstm._scan.plain_forward`, arranged the other way
+round: each step computes ``W^T [a; x]`` ``(4H, B)`` from the transposed
+weights ``W^T`` ``(4H, H + I)``, made once outside the loop. A gate is then a
+block of whole rows (contiguous memory) rather than a strided block of
+columns, and the matmul's long side is ``4H`` rather than ``B``. On the CPU
+this pays at large hidden sizes: :data:`MIN_HIDDEN` and :data:`MIN_BATCH` say
+where it is used, measured with ``benchmarks/layout.py``.
+
+Only the forward pass without residuals runs here (inference, and the
+primal of the hand-written gradient's layers); the training forward keeps the
+``(B, H)`` layout that the backward pass reads.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ._precision import HALF
+from ._types import Array, LSTMParams, LSTMState
+
+#: Per platform: the feature-major scan is used from this hidden size up (``None``: never).
+MIN_HIDDEN: dict[str, int | None] = {"cpu": 512}
+#: ... and from this batch size up (one batch dimension only).
+MIN_BATCH = 8
+#: Batch sizes ``lo <= B < hi`` at which each step runs two matmuls (``W_h^T a + W_x^T x``); elsewhere
+#: one of ``[a; x]``. Measured: two are ~15-25% faster at B = 32, level at 16, 64 and 128, slower at 4 and 8.
+TWO_MATMULS_BATCHES = (32, 64)
+
+
+def applies(params: LSTMParams, xs: Array) -> bool:
+    """Whether :func:`forward` serves this call: time-major ``xs`` ``(T, B, I)`` with ``B >= MIN_BATCH``,
+    ``H >= MIN_HIDDEN`` on this platform, no projection, float32 or float64."""
+    threshold = MIN_HIDDEN.get(jax.default_backend())
+    return (
+        threshold is not None
+        and xs.ndim == 3
+        and xs.shape[1] >= MIN_BATCH
+        and params.hidden_size >= threshold
+        and params.w_hr is None
+        and jnp.dtype(params.dtype) not in HALF
+    )
+
+
+def uses_two_matmuls(batch: int) -> bool:
+    """Whether each step of :func:`forward` runs two matmuls at this batch size (:data:`TWO_MATMULS_BATCHES`)."""
+    lo, hi = TWO_MATMULS_BATCHES
+    return lo <= batch < hi
+
+
+def forward(
+    params: LSTMParams,
+    xs: Array,
+    state: LSTMState,
+    valid: Array | None,
+    mask: Array | None,
+    reverse: bool,
+    unroll: int | bool,
+) -> tuple[Array, LSTMState]:
+    """``(hiddens (T, B, H), final state)`` as :func:`jaxlstm._scan.plain_forward`, computed feature-major.
+
+    ``valid`` ``(T, B)`` or ``None``; ``mask`` (recurrent dropout) ``(B, H)`` or ``None``.
+    """
+    h = params.hidden_size
+    two = uses_two_matmuls(xs.shape[1])
+    w_h_t, w_x_t = params.w_h.T, params.w_x.T
+    w_t = None if two else jnp.concatenate([params.w_h, params.w_x], axis=0).T
+    b = params.b[:, None]
+    output_map = None if params.w_o is None or params.b_o is None else (params.w_o.T, params.b_o[:, None])
+    mask_t = None if mask is None else mask.T.astype(xs.dtype)
+
+    def body(s: tuple[Array, Array], inputs: tuple[Array, Array | None]) -> tuple[tuple[Array, Array], Array]:
+        c_prev, a_prev = s
+        x, v = inputs  # x: (I, B); v: (B,) or None
+        a_in = a_prev if mask_t is None else a_prev * mask_t
+        if w_t is None:
+            pre = w_h_t @ a_in + w_x_t @ x + b
+        else:
+            pre = w_t @ jnp.concatenate([a_in, x], axis=0) + b
+        f1 = jax.nn.sigmoid(pre[:h])
+        i = jnp.tanh(pre[h : 2 * h])
+        f2 = jax.nn.sigmoid(pre[2 * h : 3 * h])
+        f3 = jax.nn.sigmoid(pre[3 * h :])
+        c = f1 * c_prev + i * f2
+        u = jnp.tanh(c) if output_map is None else jnp.tanh(output_map[0] @ c + output_map[1])
+        a = u * f3
+        if v is None:
+            return (c, a), a
+        keep = v[None, :]
+        held = (jnp.where(keep, c, c_prev), jnp.where(keep, a, a_prev))
+        return held, jnp.where(keep, a, jnp.zeros_like(a))
+
+    xs_t = jnp.swapaxes(xs, 1, 2)  # (T, I, B)
+    (c, a), hs = jax.lax.scan(body, (state.cell.T, state.hidden.T), (xs_t, valid), reverse=reverse, unroll=unroll)
+    return jnp.swapaxes(hs, 1, 2), LSTMState(c.T, a.T)

@@ -44,7 +44,7 @@ def test_layout_script_measures_every_variant_and_names_the_choice(tmp_path):
     assert len(data["rows"]) == 4  # two sizes x two cells
     for row in data["rows"]:
         assert set(row["ms"]) == {"row", "feature, [a; x]", "feature, two"} and min(row["ms"].values()) > 0
-        assert row["chosen"] == ("feature, [a; x]" if row["size"][3] >= 512 else "row")  # B = 8: one matmul
+        assert row["chosen"] == ("feature, [a; x]" if row["size"][3] >= 256 else "row")  # B = 16: one matmul
     assert "**" in (tmp_path / "layout.md").read_text()
 
 

@@ -50,6 +50,18 @@ def pre_activations(params: LSTMParams, hidden_in: Array, x: Array, w_stacked: A
     return add_bias(y, params.b.astype(acc))
 
 
+def gate_activations(pre: Array, h: int, axis: int = -1) -> tuple[Array, Array, Array, Array]:
+    """``(σ(f1), tanh(i), σ(f2), σ(f3))`` of the pre-activations' four blocks of ``h`` along ``axis``."""
+
+    def block(k: int) -> Array:
+        return jax.lax.slice_in_dim(pre, k * h, (k + 1) * h, axis=axis)
+
+    f1 = jax.nn.sigmoid(block(0))
+    i = jnp.tanh(block(1))
+    f2 = jax.nn.sigmoid(block(2))
+    return f1, i, f2, jax.nn.sigmoid(block(3))
+
+
 def update(
     params: LSTMParams, cell_prev: Array, pre: Array
 ) -> tuple[Array, Array, tuple[Array, Array, Array, Array], Array]:
@@ -58,11 +70,7 @@ def update(
     Returns ``(cell, hidden, gates, u)``: ``gates`` are ``[f1 | i | f2 | f3]``
     after their nonlinearities and ``u`` is ``tanh(c @ w_o + b_o)`` (or ``tanh(c)``).
     """
-    h = params.hidden_size
-    f1 = jax.nn.sigmoid(pre[..., :h])
-    i = jnp.tanh(pre[..., h : 2 * h])
-    f2 = jax.nn.sigmoid(pre[..., 2 * h : 3 * h])
-    f3 = jax.nn.sigmoid(pre[..., 3 * h :])
+    f1, i, f2, f3 = gate_activations(pre, params.hidden_size)
     cell = f1 * cell_prev + i * f2
     u = cell_output(params, cell)
     hidden = u * f3

@@ -18,6 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ._cell import gate_activations
 from ._precision import HALF
 from ._types import Array, LSTMParams, LSTMState
 
@@ -80,10 +81,7 @@ def forward(
             pre = w_h_t @ a_in + w_x_t @ x + b
         else:
             pre = w_t @ jnp.concatenate([a_in, x], axis=0) + b
-        f1 = jax.nn.sigmoid(pre[:h])
-        i = jnp.tanh(pre[h : 2 * h])
-        f2 = jax.nn.sigmoid(pre[2 * h : 3 * h])
-        f3 = jax.nn.sigmoid(pre[3 * h :])
+        f1, i, f2, f3 = gate_activations(pre, h, axis=0)
         c = f1 * c_prev + i * f2
         u = jnp.tanh(c) if output_map is None else jnp.tanh(output_map[0] @ c + output_map[1])
         a = u * f3

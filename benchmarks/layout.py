@@ -52,22 +52,31 @@ QUICK_GRID = [(16, 32, 16, 256), (16, 32, 16, 64)]
 VARIANTS = ("row", "feature, [a; x]", "feature, two")
 
 
+def _traced_with(settings: dict, fn):
+    """``fn`` jit-compiled with ``jaxlstm._feature_major``'s module settings replaced while it is traced."""
+
+    def run(*args):
+        saved = {k: getattr(_feature_major, k) for k in settings}
+        for k, v in settings.items():
+            setattr(_feature_major, k, v)
+        try:
+            return fn(*args)
+        finally:
+            for k, v in saved.items():
+                setattr(_feature_major, k, v)
+
+    return jax.jit(run)
+
+
 def _forwards(B):
-    def feature(two: bool):
-        def run(p, xs, state):
-            saved = _feature_major.TWO_MATMULS_BATCHES
-            _feature_major.TWO_MATMULS_BATCHES = (0, B + 1) if two else (0, 0)  # read while tracing only
-            try:
-                return _feature_major.forward(p, xs, state, None, None, False, 1)[0]
-            finally:
-                _feature_major.TWO_MATMULS_BATCHES = saved
+    def forward(p, xs, state):
+        return _scan.plain_forward(p, xs, state, None, None, False, 1)[0]
 
-        return run
-
+    anywhere = dict(MIN_HIDDEN={jax.default_backend(): 1}, MIN_BATCH=1)
     return {
-        "row": jax.jit(lambda p, xs, state: _scan.row_major_forward(p, xs, state, None, None, False, 1)[0]),
-        "feature, [a; x]": jax.jit(feature(False)),
-        "feature, two": jax.jit(feature(True)),
+        "row": _traced_with(dict(MIN_HIDDEN={}), forward),
+        "feature, [a; x]": _traced_with(dict(anywhere, TWO_MATMULS_BATCHES=(0, 0)), forward),
+        "feature, two": _traced_with(dict(anywhere, TWO_MATMULS_BATCHES=(0, B + 1)), forward),
     }
 
 

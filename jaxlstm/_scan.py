@@ -88,20 +88,6 @@ def plain_forward(
     """
     if compute_dtype is None and _feature_major.applies(params, xs):
         return _feature_major.forward(params, xs, state, valid, mask, reverse, unroll)
-    return row_major_forward(params, xs, state, valid, mask, reverse, unroll, compute_dtype)
-
-
-def row_major_forward(
-    params: LSTMParams,
-    xs: Array,
-    state: LSTMState,
-    valid: Array | None,
-    mask: Array | None,
-    reverse: bool,
-    unroll: int | bool,
-    compute_dtype: Any = None,
-) -> tuple[Array, LSTMState]:
-    """:func:`plain_forward` with states ``(*B, H)``, whatever the sizes."""
     w = stacked_weight(params, xs)
 
     def body(s: LSTMState, inputs: tuple[Array, Array | None]) -> tuple[LSTMState, Array]:

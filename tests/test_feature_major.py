@@ -97,15 +97,19 @@ def test_equals_row_major_scan_with_recurrent_dropout_and_holes(monkeypatch, see
             np.testing.assert_allclose(b, a, rtol=1e-13, atol=1e-13)
 
 
-def test_autodiff_through_it_equals_the_hand_written_gradient(everywhere):
-    # bptt="autodiff" differentiates the forward scan itself, which is now the feature-major one
+@pytest.mark.parametrize("checkpoint_every", [None, 2], ids=["whole", "chunks"])
+def test_autodiff_through_it_equals_the_hand_written_gradient(everywhere, checkpoint_every):
+    # bptt="autodiff" differentiates the forward scan itself (per chunk under jax.checkpoint with
+    # checkpoint_every), which is now the feature-major one
     rng, g, xs, c0, a0 = _problem(9, 3, 5, 2, 4, True)
     p = jaxlstm.params_from_gates(**g)
     lengths = jnp.array([5, 2, 0], jnp.int32)
     w = jnp.asarray(rng.normal(size=(3, 5, 4)))
 
     def loss(p, xs, bptt):
-        hs, final = jaxlstm.lstm(p, xs, jaxlstm.LSTMState(c0, a0), seq_lengths=lengths, bptt=bptt)
+        hs, final = jaxlstm.lstm(
+            p, xs, jaxlstm.LSTMState(c0, a0), seq_lengths=lengths, bptt=bptt, checkpoint_every=checkpoint_every
+        )
         return jnp.sum(hs * w) + jnp.sum(final.cell)
 
     auto = jax.grad(loss, argnums=(0, 1))(p, jnp.asarray(xs), "autodiff")

@@ -6,8 +6,8 @@
 For each size (B, T, I, H) every implementation is compiled and warmed up,
 then timed in alternating rounds (each round measures every implementation
 once, in a rotating order; a measurement repeats a call until it lasts about
-100 ms, after a short idle gap so that no library pays for the spinning worker
-threads of the one before), with ``block_until_ready``; the reported time is
+100 ms, after a short idle gap so that no library pays for worker threads the
+one before left busy), with ``block_until_ready``; the reported time is
 the median over rounds. Two workloads: the forward pass, and a training step
 (forward + backward of ``sum(outputs ** 2)`` with respect to the weights).
 
@@ -347,8 +347,8 @@ def main(argv=None) -> int:
         "--gap",
         type=float,
         default=0.25,
-        help="seconds of idle before each implementation's measurement (default 0.25): PyTorch's OpenMP threads "
-        "and XLA's thread pool keep spinning for a while after a call, taking a core from whatever runs next",
+        help="seconds of idle before each implementation's measurement (default 0.25): a library's worker threads "
+        "(PyTorch's OpenMP, XLA's pool) can stay busy for a moment after a call and take a core from what runs next",
     )
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
     args = parser.parse_args(argv)

@@ -5,8 +5,9 @@ round: each step computes ``W^T [a; x]`` ``(4H, B)`` from the transposed
 weights ``W^T`` ``(4H, H + I)``, made once outside the loop. A gate is then a
 block of whole rows (contiguous memory) rather than a strided block of
 columns, and the matmul's long side is ``4H`` rather than ``B``. On the CPU
-this pays at large hidden sizes and batches: :data:`MIN_HIDDEN` and :data:`MIN_BATCH` say
-where it is used, measured with ``benchmarks/layout.py``.
+this pays at large hidden sizes and batches: :data:`MIN_HIDDEN` and
+:data:`MIN_BATCH` say where it is used, measured with ``benchmarks/layout.py``;
+other platforms never use it.
 
 Only the forward pass without residuals runs here (inference, and the
 primal of the hand-written gradient's layers); the training forward keeps the
@@ -27,8 +28,8 @@ MIN_HIDDEN: dict[str, int | None] = {"cpu": 256}
 #: ... and from this batch size up (one batch dimension only).
 MIN_BATCH = 16
 #: Batch sizes ``lo <= B < hi`` at which each step runs two matmuls (``W_h^T a + W_x^T x``); elsewhere
-#: one of ``[a; x]``. Measured: two are ~20% faster at (32, 256, 128, 512), level elsewhere at B = 16, 64
-#: and 128, slower at B = 4 and 8.
+#: one of ``[a; x]``. Measured (``benchmarks/layout.py``): two are ~20% faster at (32, 256, 128, 512), mixed
+#: at B = 16, 64 and 128, slower at B = 4 and 8.
 TWO_MATMULS_BATCHES = (32, 64)
 
 

@@ -31,8 +31,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ._cell import pre_activations, update
-from ._scan import chunk, hold, masked, pad_time, plain_forward, stacked_weight, valid_at
+from ._cell import hold, masked, pre_activations, update, valid_at
+from ._scan import chunk, pad_time, plain_forward, stacked_weight
 from ._types import Array, LSTMParams, LSTMState
 
 

@@ -95,6 +95,27 @@ def step(
     return LSTMState(cell, hidden), hidden.astype(x.dtype)
 
 
+def valid_at(valid_t: Array | None) -> Array | None:
+    """One step's ``valid`` ``(*B,)`` as ``(*B, 1)``, to select whole states."""
+    return None if valid_t is None else valid_t[..., None]
+
+
+def hold(valid: Array | None, new: LSTMState, old: LSTMState) -> tuple[LSTMState, Array]:
+    """At an invalid step keep the old state and output zeros.
+
+    ``valid`` broadcasts against a state: ``(*B, 1)`` (:func:`valid_at`), or ``(1, B)`` for states ``(H, B)``.
+    """
+    if valid is None:
+        return new, new.hidden
+    held = LSTMState(jnp.where(valid, new.cell, old.cell), jnp.where(valid, new.hidden, old.hidden))
+    return held, jnp.where(valid, new.hidden, jnp.zeros_like(new.hidden))
+
+
+def masked(hidden: Array, mask: Array | None) -> Array:
+    """``hidden * mask`` (the recurrent dropout mask), or ``hidden``."""
+    return hidden if mask is None else hidden * mask.astype(hidden.dtype)
+
+
 def lstm_step(params: LSTMParams, state: LSTMState, x: Any) -> tuple[LSTMState, Array]:
     """One time step of the LSTM, with fused matmuls.
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ._cell import gate_activations
+from ._cell import gate_activations, hold, masked
 from ._precision import HALF
 from ._types import Array, LSTMParams, LSTMState
 
@@ -72,26 +72,21 @@ def forward(
     w_t = None if two else jnp.concatenate([params.w_h, params.w_x], axis=0).T
     b = params.b[:, None]
     output_map = None if params.w_o is None or params.b_o is None else (params.w_o.T, params.b_o[:, None])
-    mask_t = None if mask is None else mask.T.astype(xs.dtype)
+    mask_t = None if mask is None else mask.T
 
-    def body(s: tuple[Array, Array], inputs: tuple[Array, Array | None]) -> tuple[tuple[Array, Array], Array]:
-        c_prev, a_prev = s
+    def body(s: LSTMState, inputs: tuple[Array, Array | None]) -> tuple[LSTMState, Array]:
         x, v = inputs  # x: (I, B); v: (B,) or None
-        a_in = a_prev if mask_t is None else a_prev * mask_t
+        a_in = masked(s.hidden, mask_t)
         if w_t is None:
             pre = w_h_t @ a_in + w_x_t @ x + b
         else:
             pre = w_t @ jnp.concatenate([a_in, x], axis=0) + b
         f1, i, f2, f3 = gate_activations(pre, h, axis=0)
-        c = f1 * c_prev + i * f2
+        c = f1 * s.cell + i * f2
         u = jnp.tanh(c) if output_map is None else jnp.tanh(output_map[0] @ c + output_map[1])
-        a = u * f3
-        if v is None:
-            return (c, a), a
-        keep = v[None, :]
-        held = (jnp.where(keep, c, c_prev), jnp.where(keep, a, a_prev))
-        return held, jnp.where(keep, a, jnp.zeros_like(a))
+        return hold(None if v is None else v[None, :], LSTMState(c, u * f3), s)
 
     xs_t = jnp.swapaxes(xs, 1, 2)  # (T, I, B)
-    (c, a), hs = jax.lax.scan(body, (state.cell.T, state.hidden.T), (xs_t, valid), reverse=reverse, unroll=unroll)
-    return jnp.swapaxes(hs, 1, 2), LSTMState(c.T, a.T)
+    start = LSTMState(state.cell.T, state.hidden.T)
+    final, hs = jax.lax.scan(body, start, (xs_t, valid), reverse=reverse, unroll=unroll)
+    return jnp.swapaxes(hs, 1, 2), LSTMState(final.cell.T, final.hidden.T)

@@ -3,7 +3,7 @@
 All arrays here are time-major: ``xs`` ``(T, *B, I)``. Which steps count is
 one boolean array ``valid`` ``(T, *B)`` (``None``: every step), built from
 ``seq_lengths`` and/or a step mask; at an invalid step the state is held and
-the output is zero (:func:`hold`). ``mask`` is the recurrent dropout mask
+the output is zero (:func:`jaxlstm._cell.hold`). ``mask`` is the recurrent dropout mask
 ``(*B, H)``. Platform-dependent choices (the stacked matmul) are made at
 trace time from ``jax.default_backend()``.
 """
@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from . import _feature_major
-from ._cell import step
+from ._cell import hold, step, valid_at
 from ._types import Array, LSTMParams, LSTMState
 
 #: Per platform: above this many ``[a, x]`` entries per step (``B * (H + I)``) the per-step
@@ -49,24 +49,6 @@ def step_validity(lengths: Array | None, step_mask: Array | None, num_steps: int
         by_length = steps < lengths[None]
         valid = by_length if valid is None else valid & by_length
     return valid
-
-
-def valid_at(valid_t: Array | None) -> Array | None:
-    """One step's ``valid`` ``(*B,)`` as ``(*B, 1)``, to select whole states."""
-    return None if valid_t is None else valid_t[..., None]
-
-
-def hold(valid: Array | None, new: LSTMState, old: LSTMState) -> tuple[LSTMState, Array]:
-    """At an invalid step keep the old state and output zeros."""
-    if valid is None:
-        return new, new.hidden
-    held = LSTMState(jnp.where(valid, new.cell, old.cell), jnp.where(valid, new.hidden, old.hidden))
-    return held, jnp.where(valid, new.hidden, jnp.zeros_like(new.hidden))
-
-
-def masked(hidden: Array, mask: Array | None) -> Array:
-    """``hidden * mask`` (the recurrent dropout mask), or ``hidden``."""
-    return hidden if mask is None else hidden * mask.astype(hidden.dtype)
 
 
 def plain_forward(

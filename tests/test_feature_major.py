@@ -7,17 +7,15 @@ import pytest
 
 import jaxlstm
 from jaxlstm import _feature_major, _scan
-from tests.helpers.problems import ATOL, RTOL
-from tests.helpers.reference import random_gates, run_batch
+from tests.helpers.problems import ATOL, RTOL, make
+from tests.helpers.reference import run_batch
 
 
-def _problem(seed, B, T, I, H, seed_cell, scale=0.5):
-    rng = np.random.default_rng(seed)
-    g = random_gates(rng, I, H, seed_cell=seed_cell, scale=scale)
-    xs = rng.normal(size=(B, T, I))
-    c0 = rng.normal(size=(B, H)) * 0.5
-    a0 = np.tanh(rng.normal(size=(B, H)))
-    return rng, g, xs, c0, a0
+def _assert_equal_to_reference(hs, final, ref):
+    ref_h, ref_c, ref_a = ref
+    np.testing.assert_allclose(hs, ref_h, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(final.cell, ref_c, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(final.hidden, ref_a, rtol=RTOL, atol=ATOL)
 
 
 @pytest.fixture
@@ -47,7 +45,7 @@ def test_taken_at_large_hidden_sizes_and_batches_only():
 def test_default_choice_matches_numpy_reference(seed_cell, B):
     # Given a size where the library takes the feature-major scan by itself
     H = 256
-    rng, g, xs, c0, a0 = _problem(B + 7, B, 3, 5, H, seed_cell, scale=0.05)
+    rng, g, xs, c0, a0 = make(B + 7, B, 3, 5, H, seed_cell, scale=0.05)
     lengths = rng.integers(0, 4, size=B)
     lengths[0] = 3
     p = jaxlstm.params_from_gates(**g)
@@ -58,23 +56,17 @@ def test_default_choice_matches_numpy_reference(seed_cell, B):
             p, xs, jaxlstm.LSTMState(c0, a0), seq_lengths=jnp.asarray(lengths, jnp.int32), reverse=reverse
         )
         # Then it equals the reference loop
-        ref_h, ref_c, ref_a = run_batch(g, xs, c0, a0, lengths, reverse)
-        np.testing.assert_allclose(hs, ref_h, rtol=RTOL, atol=ATOL)
-        np.testing.assert_allclose(final.cell, ref_c, rtol=RTOL, atol=ATOL)
-        np.testing.assert_allclose(final.hidden, ref_a, rtol=RTOL, atol=ATOL)
+        _assert_equal_to_reference(hs, final, run_batch(g, xs, c0, a0, lengths, reverse))
 
 
 @pytest.mark.parametrize("seed_cell", [True, False], ids=["seed", "classic"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
 def test_step_mask_with_holes_matches_numpy_reference(everywhere, seed_cell, reverse):
-    rng, g, xs, c0, a0 = _problem(3, 3, 6, 2, 4, seed_cell)
+    rng, g, xs, c0, a0 = make(3, 3, 6, 2, 4, seed_cell)
     valid = rng.random((3, 6)) < 0.6
     p = jaxlstm.params_from_gates(**g)
     hs, final = jaxlstm.lstm(p, xs, jaxlstm.LSTMState(c0, a0), mask=jnp.asarray(valid), reverse=reverse)
-    ref_h, ref_c, ref_a = run_batch(g, xs, c0, a0, None, reverse, valid)
-    np.testing.assert_allclose(hs, ref_h, rtol=RTOL, atol=ATOL)
-    np.testing.assert_allclose(final.cell, ref_c, rtol=RTOL, atol=ATOL)
-    np.testing.assert_allclose(final.hidden, ref_a, rtol=RTOL, atol=ATOL)
+    _assert_equal_to_reference(hs, final, run_batch(g, xs, c0, a0, None, reverse, valid))
 
 
 @pytest.mark.parametrize("seed_cell", [True, False], ids=["seed", "classic"])
@@ -82,7 +74,7 @@ def test_step_mask_with_holes_matches_numpy_reference(everywhere, seed_cell, rev
 def test_equals_row_major_scan_with_recurrent_dropout_and_holes(monkeypatch, seed_cell, two):
     # The reference has no recurrent dropout: here the two layouts are compared with each other
     monkeypatch.setattr(_feature_major, "TWO_MATMULS_BATCHES", (1, 1000) if two else (0, 0))
-    rng, g, xs, c0, a0 = _problem(5, 4, 7, 3, 5, seed_cell)
+    rng, g, xs, c0, a0 = make(5, 4, 7, 3, 5, seed_cell)
     p = jaxlstm.params_from_gates(**g)
     xs_t = jnp.swapaxes(jnp.asarray(xs), 0, 1)
     valid = jnp.asarray(rng.random((7, 4)) < 0.7)
@@ -101,7 +93,7 @@ def test_equals_row_major_scan_with_recurrent_dropout_and_holes(monkeypatch, see
 def test_autodiff_through_it_equals_the_hand_written_gradient(everywhere, checkpoint_every):
     # bptt="autodiff" differentiates the forward scan itself (per chunk under jax.checkpoint with
     # checkpoint_every), which is now the feature-major one
-    rng, g, xs, c0, a0 = _problem(9, 3, 5, 2, 4, True)
+    rng, g, xs, c0, a0 = make(9, 3, 5, 2, 4, True)
     p = jaxlstm.params_from_gates(**g)
     lengths = jnp.array([5, 2, 0], jnp.int32)
     w = jnp.asarray(rng.normal(size=(3, 5, 4)))

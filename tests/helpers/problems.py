@@ -15,9 +15,10 @@ SHAPES = [  # (B, T, I, H)
 ]
 
 
-def make(seed, B, T, I, H, seed_cell=True):
+def make(seed, B, T, I, H, seed_cell=True, scale=0.5):
+    """``scale``: the weights' standard deviation (smaller for large ``H``, to keep the gates unsaturated)."""
     rng = np.random.default_rng(seed)
-    g = random_gates(rng, I, H, seed_cell=seed_cell)
+    g = random_gates(rng, I, H, seed_cell=seed_cell, scale=scale)
     xs = rng.normal(size=(B, T, I))
     c0 = rng.normal(size=(B, H)) * 0.5
     a0 = np.tanh(rng.normal(size=(B, H)))

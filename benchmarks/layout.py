@@ -131,6 +131,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
     args = parser.parse_args(argv)
     grid = QUICK_GRID if args.quick else GRID
+    if args.rounds is not None and args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     rounds = args.rounds or (3 if args.quick else 7)
     results = dict(
         machine=f"{platform.machine()}, {jax.devices()[0].device_kind}",

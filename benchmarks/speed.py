@@ -356,6 +356,10 @@ def main(argv=None) -> int:
     grid = QUICK_GRID if args.quick else FULL_GRID
     if args.sizes:
         grid = [tuple(int(v) for v in s.split(",")) for s in args.sizes.split(";")]
+    if args.rounds is not None and args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
+    if args.gap < 0:
+        parser.error(f"--gap is seconds of idle, at least 0; got {args.gap}")
     rounds = args.rounds or (5 if args.quick else 15)
     names = list(IMPLEMENTATIONS) if not args.impls else [n.strip() for n in args.impls.split(",")]
     unknown = [n for n in names if n not in IMPLEMENTATIONS]

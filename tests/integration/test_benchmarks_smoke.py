@@ -48,6 +48,18 @@ def test_layout_script_measures_every_variant_and_names_the_choice(tmp_path):
     assert "**" in (tmp_path / "layout.md").read_text()
 
 
+@pytest.mark.parametrize(
+    "script,args",
+    [("speed.py", ["--gap", "-1"]), ("speed.py", ["--rounds", "-2"]), ("layout.py", ["--rounds", "-2"])],
+)
+def test_benchmark_scripts_refuse_bad_settings_in_one_line(tmp_path, script, args):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / script), "--quick", *args, "--out", str(tmp_path)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=fast_compile_env())
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr and out.stderr.strip().splitlines()[-1].startswith(f"{script}: error: --")
+    assert not any(tmp_path.iterdir())  # nothing measured, nothing written
+
+
 def test_adding_problem_script_runs(tmp_path):
     cmd = [
         sys.executable,

@@ -1,4 +1,4 @@
-"""Two CPU effects that shape jaxlstm's backward pass, measured side by side.
+"""Three CPU effects behind jaxlstm's design, measured side by side.
 
     python benchmarks/cpu_effects.py
 
@@ -8,6 +8,12 @@
 2. A computation whose large output (T, B, 4H) = (256, 32, 2048) float32
    (67 MB) goes to a fresh buffer, against the same computation written in
    place over a donated input.
+3. Whether XLA:CPU runs independent work of one jitted function side by side:
+   two independent scans (jaxlstm's forward, classic cell, each over half of
+   a batch of 8; T = 512, I = 64, H = 128) in one function, against one of
+   them alone. About 1x would mean the two ran on the two cores at once;
+   about 2x, one after the other (so a library inside ``jit`` cannot hand
+   half of a small step to a second core this way).
 
 Each pair is timed in alternating rounds after warm-up, with
 ``block_until_ready``; medians. Writes ``<out>/cpu_effects.md`` and prints it.
@@ -75,6 +81,28 @@ def fresh_vs_in_place(rounds: int, shape=(256, 32, 2048)) -> tuple[float, float,
     return statistics.median(times[0]) * 1e3, statistics.median(times[1]) * 1e3, x.nbytes / 1e6
 
 
+def independent_scans(rounds: int, B=8, T=512, I=64, H=128) -> tuple[float, float]:
+    """Milliseconds: (two independent half-batch scans in one jitted function, one of them alone)."""
+    import jaxlstm
+
+    p = jaxlstm.init_params(jax.random.key(0), I, H, output_transform=False)
+    xs = jax.random.normal(jax.random.key(1), (T, B, I))
+    half = B // 2
+
+    def scan(x):
+        return jaxlstm.lstm(p, x, time_major=True)[0]
+
+    both = jax.jit(lambda x: (scan(x[:, :half]), scan(x[:, half:])))
+    one = jax.jit(lambda x: scan(x[:, :half]))
+    for f in (both, one):
+        jax.block_until_ready(f(xs))
+    times = [[], []]
+    for r in range(rounds):
+        for k in (r % 2, 1 - r % 2):
+            times[k].append(time_calls((both, one)[k], (xs,), 10))
+    return statistics.median(times[0]) * 1e3, statistics.median(times[1]) * 1e3
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=21)
@@ -82,6 +110,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     nt, nn = matmul_layout(a.rounds)
     fresh, in_place, mb = fresh_vs_in_place(a.rounds)
+    both, one = independent_scans(a.rounds)
     text = "\n".join(
         [
             f"jax {jax.__version__}, {jax.devices()[0].platform}; medians of {a.rounds} alternating rounds.",
@@ -92,6 +121,9 @@ def main(argv=None) -> int:
             f"{nt:.1f} us/step | {nn:.1f} us/step | {nt / nn:.2f}x |",
             f"| {mb:.0f} MB output: fresh buffer vs in place (donated input) | {fresh:.1f} ms | {in_place:.1f} ms | "
             f"{fresh / in_place:.2f}x |",
+            f"| two independent scans (batch 4 each, T = 512, H = 128) in one jitted function vs one of them alone "
+            f"(~1x: side by side on two cores; ~2x: one after the other) | {both:.2f} ms | {one:.2f} ms | "
+            f"{both / one:.2f}x |",
             "",
         ]
     )

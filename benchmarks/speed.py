@@ -2,6 +2,7 @@
 
     python benchmarks/speed.py            # the full grid (about 15-25 minutes on 2 CPU cores)
     python benchmarks/speed.py --quick    # a small grid, under two minutes
+    python benchmarks/speed.py --cores 1  # every library on one core: how much of a gap is threads
 
 For each size (B, T, I, H) every implementation is compiled and warmed up,
 then timed in alternating rounds (each round measures every implementation
@@ -42,6 +43,8 @@ from timing import block, calls_for, time_calls
 FULL_GRID = [(1, 1000, 32, 128), (8, 512, 64, 128), (64, 128, 256, 256), (32, 256, 128, 512), (128, 64, 512, 1024)]
 QUICK_GRID = [(1, 200, 32, 64), (8, 128, 64, 128)]
 BASELINE = "flax OptimizedLSTMCell"
+#: Set by ``--cores``: the process is pinned to that many cores and PyTorch told to use as many threads.
+CORES: int | None = None
 
 
 # ------------------------------------------------------------------ implementations
@@ -133,6 +136,8 @@ def haiku_lstm(B, T, I, H):
 def torch_lstm(B, T, I, H):
     import torch
 
+    if CORES is not None:
+        torch.set_num_threads(CORES)
     torch.manual_seed(0)
     m = torch.nn.LSTM(I, H, batch_first=True)
     x = torch.randn(B, T, I)
@@ -335,6 +340,18 @@ def save(results: dict, out: pathlib.Path) -> None:
         chart(results, out / "speed.png")
 
 
+def _pin(parser: argparse.ArgumentParser, cores: int) -> None:
+    """Pin this process to ``cores`` of the cores it may use (before JAX creates its thread pool)."""
+    global CORES
+    if not hasattr(os, "sched_setaffinity"):
+        parser.error("--cores needs a system with CPU affinity (Linux)")
+    allowed = sorted(os.sched_getaffinity(0))
+    if not 1 <= cores <= len(allowed):
+        parser.error(f"--cores must be from 1 to the {len(allowed)} cores this process may use, got {cores}")
+    os.sched_setaffinity(0, allowed[:cores])
+    CORES = cores
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small grid, few rounds (under two minutes)")
@@ -350,6 +367,13 @@ def main(argv=None) -> int:
         help="seconds of idle before each implementation's measurement (default 0.25): a library's worker threads "
         "(PyTorch's OpenMP, XLA's pool) can stay busy for a moment after a call and take a core from what runs next",
     )
+    parser.add_argument(
+        "--cores",
+        type=int,
+        default=None,
+        help="run on this many CPU cores only (the process is pinned before JAX starts; PyTorch gets as many "
+        "threads): shows how much of a gap between libraries is their use of a second core",
+    )
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
     args = parser.parse_args(argv)
 
@@ -360,6 +384,8 @@ def main(argv=None) -> int:
         parser.error(f"--rounds must be at least 1, got {args.rounds}")
     if args.gap < 0:
         parser.error(f"--gap is seconds of idle, at least 0; got {args.gap}")
+    if args.cores is not None:
+        _pin(parser, args.cores)
     rounds = args.rounds or (5 if args.quick else 15)
     names = list(IMPLEMENTATIONS) if not args.impls else [n.strip() for n in args.impls.split(",")]
     unknown = [n for n in names if n not in IMPLEMENTATIONS]
@@ -372,7 +398,10 @@ def main(argv=None) -> int:
     results = dict(
         machine=(
             f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores, {jax.devices()[0].device_kind}"
-        ).replace("  ", " "),
+        ).replace("  ", " ")
+        + (f", pinned to {CORES} of them (--cores)" if CORES is not None else ""),
+        cores=CORES,
+        cores_allowed=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         date=datetime.date.today().isoformat(),
         jax=jax.__version__,
         python=sys.version.split()[0],

@@ -24,12 +24,15 @@ def test_speed_script_writes_table_json_and_chart(tmp_path):
         "jaxlstm seed,jaxlstm classic,flax OptimizedLSTMCell",
         "--gap",
         "0",
+        "--cores",
+        "1",
         "--out",
         str(tmp_path),
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=fast_compile_env())
     assert out.returncode == 0, out.stderr[-2000:]
     data = json.loads((tmp_path / "speed.json").read_text())
+    assert data["cores"] == 1 and data["cores_allowed"] == 1  # the run was pinned to one core
     assert {r["impl"] for r in data["rows"]} == {"jaxlstm seed", "jaxlstm classic", "flax OptimizedLSTMCell"}
     assert all(r["forward_s"] > 0 and r["train_s"] > 0 for r in data["rows"])
     assert (tmp_path / "speed.png").stat().st_size > 0
@@ -50,7 +53,13 @@ def test_layout_script_measures_every_variant_and_names_the_choice(tmp_path):
 
 @pytest.mark.parametrize(
     "script,args",
-    [("speed.py", ["--gap", "-1"]), ("speed.py", ["--rounds", "-2"]), ("layout.py", ["--rounds", "-2"])],
+    [
+        ("speed.py", ["--gap", "-1"]),
+        ("speed.py", ["--rounds", "-2"]),
+        ("speed.py", ["--cores", "0"]),
+        ("speed.py", ["--cores", "100000"]),
+        ("layout.py", ["--rounds", "-2"]),
+    ],
 )
 def test_benchmark_scripts_refuse_bad_settings_in_one_line(tmp_path, script, args):
     cmd = [sys.executable, str(ROOT / "benchmarks" / script), "--quick", *args, "--out", str(tmp_path)]
@@ -124,7 +133,7 @@ def test_cpu_effects_script_writes_its_table(tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=fast_compile_env())
     assert out.returncode == 0, out.stderr[-2000:]
     text = (tmp_path / "cpu_effects.md").read_text()
-    assert "us/step" in text and "fresh buffer vs in place" in text
+    assert "us/step" in text and "fresh buffer vs in place" in text and "two independent scans" in text
 
 
 def test_device_script_runs_on_the_cpu_and_names_what_it_skips(tmp_path):

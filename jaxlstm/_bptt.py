@@ -126,7 +126,7 @@ def backward_scan(
     last = res.cells.shape[0] - 1
     acc = res.cells.dtype  # the state's dtype: float32 under half precision
     # Transposed once, outside the loop: a per-step ``d @ w.T`` on the CPU is a
-    # transposed-operand matmul, measured ~2x slower than ``d @ w_t`` at B=8, H=128
+    # transposed-operand matmul, measured 1.7-2x slower than ``d @ w_t`` at B=8, H=128
     # (benchmarks/cpu_effects.py).
     w_h_t = params.w_h.T.astype(acc)
     w_o_t = params.w_o.T.astype(acc) if params.w_o is not None else None

@@ -31,6 +31,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from . import _vma
 from ._cell import hold, masked, pre_activations, update, valid_at
 from ._scan import chunk, pad_time, plain_forward, stacked_weight
 from ._types import Array, LSTMParams, LSTMState
@@ -186,6 +187,7 @@ def backward_scan(
         first, row_next = last, jnp.maximum(index - 1, 0)
     u0 = res.u[first] if res.u is not None else None
     da0 = None if w_hr_t is None else jnp.zeros(res.cells.shape[:-1] + (params.output_size,), acc)
+    da0 = _vma.vary(da0, _vma.axes(res.cells))  # inside shard_map: varying as the values written into it
     (dh0, dc0, d_pre, dz, _, _, da), _ = jax.lax.scan(
         body,
         (d_final.hidden, d_final.cell, res.gates, res.u, res.gates[first], u0, da0),
@@ -337,6 +339,7 @@ def _checkpointed_bwd(reverse, unroll, k, saved, cotangents):  # type: ignore[no
     if pad:
         dhs = jnp.concatenate([dhs, jnp.zeros((pad,) + dhs.shape[1:], dhs.dtype)], axis=0)
     zero_grads = jax.tree.map(lambda p: jnp.zeros(p.shape, state.cell.dtype), params)  # summed in the state's dtype
+    zero_grads = _vma.vary(zero_grads, _vma.axes(xs))  # inside shard_map: varying as the grads added to them
 
     def chunk_body(carry: tuple, inputs: tuple) -> tuple[tuple, Array]:
         d_state, grads = carry

@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from . import _cudnn, _pallas
+from . import _cudnn, _pallas, _vma
 from ._bptt import checkpointed, fused
 from ._checks import (
     check_bptt,
@@ -84,8 +84,9 @@ def run_time_major(
 
     ``valid`` ``(T, *B)`` marks the steps that count (``None``: all); ``mask`` is the recurrent dropout mask.
     """
+    params, xs, state, valid, mask = _vma.common(params, xs, state, valid, mask)  # inside shard_map: one type
     if xs.shape[0] == 0:  # nothing to scan: no outputs, the state passes through (and so does its gradient)
-        return jnp.zeros(xs.shape[:-1] + (params.output_size,), xs.dtype), state
+        return _vma.vary(jnp.zeros(xs.shape[:-1] + (params.output_size,), xs.dtype), _vma.axes(xs)), state
     if valid is not None:
         xs = without_padding(xs, valid)
     if mask is not None:

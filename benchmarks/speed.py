@@ -3,6 +3,7 @@
     python benchmarks/speed.py            # the full grid (about 15-25 minutes on 2 CPU cores)
     python benchmarks/speed.py --quick    # a small grid, under two minutes
     python benchmarks/speed.py --cores 1  # every library on one core: how much of a gap is threads
+    python benchmarks/speed.py --cpu-devices 2  # adds jaxlstm with the batch split over two CPU devices
 
 For each size (B, T, I, H) every implementation is compiled and warmed up,
 then timed in alternating rounds (each round measures every implementation
@@ -18,6 +19,11 @@ also reported as a fraction of it (forward FLOPs ``2 T B 4H (I + H)``, plus
 
 Writes ``<out>/speed.md`` (the table), ``speed.json`` and ``speed.png`` (bars of
 speed relative to Flax ``nn.RNN(OptimizedLSTMCell)``), and prints the table.
+With ``--cpu-devices N`` JAX starts with N CPU devices and the table gains a
+row marked as a setting: jaxlstm's classic cell with the batch split over the
+N devices by ``jax.shard_map`` (the README's "CPU tuning"); the other rows run
+on one device as before.
+
 Results are saved after every size, so Ctrl-C keeps what was measured.
 Peers that are not installed (``pip install -e ".[bench]"``) are reported as skipped.
 """
@@ -45,6 +51,10 @@ QUICK_GRID = [(1, 200, 32, 64), (8, 128, 64, 128)]
 BASELINE = "flax OptimizedLSTMCell"
 #: Set by ``--cores``: the process is pinned to that many cores and PyTorch told to use as many threads.
 CORES: int | None = None
+
+
+class Skipped(Exception):
+    """An implementation that does not apply to a size (the row says why)."""
 
 
 # ------------------------------------------------------------------ implementations
@@ -155,6 +165,38 @@ def torch_lstm(B, T, I, H):
     return fwd, train, (m, x)
 
 
+def make_jaxlstm_split(devices: int):
+    """jaxlstm's classic cell with the batch split over ``devices`` CPU devices (``jax.shard_map``)."""
+
+    def factory(B, T, I, H):
+        from jax.sharding import Mesh, NamedSharding
+        from jax.sharding import PartitionSpec as P
+
+        import jaxlstm
+
+        if B % devices:
+            raise Skipped(f"batch {B} does not split over {devices} devices")
+        mesh = Mesh(np.array(jax.devices()[:devices]), ("batch",))
+        shard_map = getattr(jax, "shard_map", None) or __import__("jax.experimental.shard_map").experimental.shard_map
+        split = dict(mesh=mesh, in_specs=(P(), P("batch")))
+
+        def run(p, x):
+            return jaxlstm.lstm(p, x)[0]
+
+        fwd = jax.jit(shard_map(run, out_specs=P("batch"), **split))
+        train = jax.jit(shard_map(jax.grad(lambda p, x: jnp.sum(run(p, x) ** 2)), out_specs=P(), **split))
+        p = jaxlstm.init_params(jax.random.key(0), I, H, output_transform=False)
+        xs = jax.device_put(_xs(B, T, I), NamedSharding(mesh, P("batch")))
+        args = (jax.device_put(p, NamedSharding(mesh, P())), xs)
+        return fwd, train, args
+
+    return factory
+
+
+def split_name(devices: int) -> str:
+    return f"jaxlstm classic, batch over {devices} CPU devices (setting)"
+
+
 IMPLEMENTATIONS: dict[str, Callable] = {
     "jaxlstm seed": make_jaxlstm(True),
     "jaxlstm classic": make_jaxlstm(False),
@@ -193,6 +235,9 @@ def bench_size(size, names, rounds: int, peak: float, progress: Callable | None 
             fwd, train, args = IMPLEMENTATIONS[name](B, T, I, H)
         except ImportError as e:
             rows.append(dict(impl=name, size=list(size), skipped=f"not installed ({e.name})"))
+            continue
+        except Skipped as e:
+            rows.append(dict(impl=name, size=list(size), skipped=str(e)))
             continue
         for fn in (fwd, train):  # compile and warm up
             block(fn(*args))
@@ -233,6 +278,15 @@ def table(results: dict) -> str:
         "Speedup = time of Flax `nn.RNN(OptimizedLSTMCell)` / time of the row (higher is faster); "
         "roofline = achieved FLOP/s as a fraction of the machine's matmul rate.",
         "",
+    ]
+    if results.get("cpu_devices"):
+        lines += [
+            f"Rows marked (setting): JAX started with {results['cpu_devices']} CPU devices (`--cpu-devices`) and the "
+            'batch split over them with `jax.shard_map`; a setting of the user\'s process (README, "CPU tuning"), '
+            "not jaxlstm's default. Every other row runs on one device.",
+            "",
+        ]
+    lines += [
         "| B, T, I, H | implementation | forward ms | forward speedup | forward roofline "
         "| train ms | train speedup | train roofline |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
@@ -294,6 +348,11 @@ def floor_checks(results: dict) -> str:
             cost = seed["forward_s"] / classic["forward_s"]
             bound = FLOORS["seed_forward_max"]
             parts.append(_check(f"seed/classic forward {cost:.2f}", cost <= bound, f"<= {bound}"))
+        split = next((r for (s, name), r in by.items() if s == size and name.endswith("(setting)")), None)
+        if split is not None and torch is not None:  # not a floor: what the setting gives, beside them
+            setting = split["impl"].split(", ")[1].removesuffix(" (setting)")
+            fwd, train = torch["forward_s"] / split["forward_s"], torch["train_s"] / split["train_s"]
+            parts.append(f"with the setting ({setting}): forward vs PyTorch {fwd:.2f}x, train vs PyTorch {train:.2f}x")
         lines.append(f"- ({', '.join(map(str, size))}): " + "; ".join(parts))
     if not lines:
         return ""
@@ -374,6 +433,13 @@ def main(argv=None) -> int:
         help="run on this many CPU cores only (the process is pinned before JAX starts; PyTorch gets as many "
         "threads): shows how much of a gap between libraries is their use of a second core",
     )
+    parser.add_argument(
+        "--cpu-devices",
+        type=int,
+        default=None,
+        help="start JAX with this many CPU devices and add a row for jaxlstm with the batch split over them "
+        "(jax.shard_map): the setting the README's 'CPU tuning' describes",
+    )
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
     args = parser.parse_args(argv)
 
@@ -386,11 +452,17 @@ def main(argv=None) -> int:
         parser.error(f"--gap is seconds of idle, at least 0; got {args.gap}")
     if args.cores is not None:
         _pin(parser, args.cores)
+    if args.cpu_devices is not None and args.cpu_devices < 2:
+        parser.error(f"--cpu-devices must be at least 2 (the batch is split over them), got {args.cpu_devices}")
     rounds = args.rounds or (5 if args.quick else 15)
     names = list(IMPLEMENTATIONS) if not args.impls else [n.strip() for n in args.impls.split(",")]
     unknown = [n for n in names if n not in IMPLEMENTATIONS]
     if unknown:
         parser.error(f"unknown implementations {unknown}; choose from {list(IMPLEMENTATIONS)}")
+    if args.cpu_devices is not None:  # the marked row comes with the setting, whatever --impls says
+        jax.config.update("jax_num_cpu_devices", args.cpu_devices)  # before JAX starts its backend
+        IMPLEMENTATIONS[split_name(args.cpu_devices)] = make_jaxlstm_split(args.cpu_devices)
+        names.append(split_name(args.cpu_devices))
 
     from tqdm import tqdm
 
@@ -401,6 +473,7 @@ def main(argv=None) -> int:
         ).replace("  ", " ")
         + (f", pinned to {CORES} of them (--cores)" if CORES is not None else ""),
         cores=CORES,
+        cpu_devices=args.cpu_devices,
         cores_allowed=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         date=datetime.date.today().isoformat(),
         jax=jax.__version__,

@@ -26,6 +26,8 @@ def test_speed_script_writes_table_json_and_chart(tmp_path):
         "0",
         "--cores",
         "1",
+        "--cpu-devices",
+        "2",
         "--out",
         str(tmp_path),
     ]
@@ -33,7 +35,9 @@ def test_speed_script_writes_table_json_and_chart(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     data = json.loads((tmp_path / "speed.json").read_text())
     assert data["cores"] == 1 and data["cores_allowed"] == 1  # the run was pinned to one core
-    assert {r["impl"] for r in data["rows"]} == {"jaxlstm seed", "jaxlstm classic", "flax OptimizedLSTMCell"}
+    assert data["cpu_devices"] == 2
+    split = "jaxlstm classic, batch over 2 CPU devices (setting)"  # the row --cpu-devices adds
+    assert {r["impl"] for r in data["rows"]} == {"jaxlstm seed", "jaxlstm classic", "flax OptimizedLSTMCell", split}
     assert all(r["forward_s"] > 0 and r["train_s"] > 0 for r in data["rows"])
     assert (tmp_path / "speed.png").stat().st_size > 0
     assert "| 2, 6, 3, 4 | jaxlstm seed |" in (tmp_path / "speed.md").read_text()
@@ -58,6 +62,7 @@ def test_layout_script_measures_every_variant_and_names_the_choice(tmp_path):
         ("speed.py", ["--rounds", "-2"]),
         ("speed.py", ["--cores", "0"]),
         ("speed.py", ["--cores", "100000"]),
+        ("speed.py", ["--cpu-devices", "1"]),
         ("layout.py", ["--rounds", "-2"]),
     ],
 )

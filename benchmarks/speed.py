@@ -177,14 +177,13 @@ def make_jaxlstm_split(devices: int):
         if B % devices:
             raise Skipped(f"batch {B} does not split over {devices} devices")
         mesh = Mesh(np.array(jax.devices()[:devices]), ("batch",))
-        shard_map = getattr(jax, "shard_map", None) or __import__("jax.experimental.shard_map").experimental.shard_map
         split = dict(mesh=mesh, in_specs=(P(), P("batch")))
 
         def run(p, x):
             return jaxlstm.lstm(p, x)[0]
 
-        fwd = jax.jit(shard_map(run, out_specs=P("batch"), **split))
-        train = jax.jit(shard_map(jax.grad(lambda p, x: jnp.sum(run(p, x) ** 2)), out_specs=P(), **split))
+        fwd = jax.jit(jax.shard_map(run, out_specs=P("batch"), **split))
+        train = jax.jit(jax.shard_map(jax.grad(lambda p, x: jnp.sum(run(p, x) ** 2)), out_specs=P(), **split))
         p = jaxlstm.init_params(jax.random.key(0), I, H, output_transform=False)
         xs = jax.device_put(_xs(B, T, I), NamedSharding(mesh, P("batch")))
         args = (jax.device_put(p, NamedSharding(mesh, P())), xs)

@@ -311,7 +311,9 @@ def lstm(
       :class:`LSTMState`.
 
     Works under ``jax.jit`` (the keyword options are static), ``jax.grad``
-    and ``jax.vmap``. Bad shapes or dtypes raise at trace time.
+    and ``jax.vmap``, and inside ``jax.shard_map`` (e.g. the batch split over
+    a mesh axis, the weights replicated: their gradient comes out summed over
+    the axis). Bad shapes or dtypes raise at trace time.
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxlstm

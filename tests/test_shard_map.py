@@ -132,3 +132,18 @@ def test_half_precision():
             rtol=1e-2,
             atol=1e-2,
         )
+
+
+def test_nnx_module():
+    from flax import nnx
+
+    from jaxlstm import nnx as jn
+
+    model = jn.LSTM(I, H, num_layers=2, bidirectional=True, dtype=F64, param_dtype=F64, rngs=nnx.Rngs(10))
+    graphdef, state = nnx.split(model)
+    xs, lengths = _inputs(6)
+
+    def fn(s, x, n):
+        return nnx.merge(graphdef, s)(x, seq_lengths=n)
+
+    _assert_same_inside_shard_map(fn, state, xs, lengths)

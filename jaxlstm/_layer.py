@@ -313,7 +313,9 @@ def lstm(
     Works under ``jax.jit`` (the keyword options are static), ``jax.grad``
     and ``jax.vmap``, and inside ``jax.shard_map`` (e.g. the batch split over
     a mesh axis, the weights replicated: their gradient comes out summed over
-    the axis). Bad shapes or dtypes raise at trace time.
+    the axis; the Pallas kernels there need ``check_vma=False``, and then the
+    weights' gradient is per shard, summed with ``jax.lax.psum``). Bad shapes
+    or dtypes raise at trace time.
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxlstm

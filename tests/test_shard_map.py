@@ -42,12 +42,14 @@ def _outputs_and_gradients(fn, params, xs, *batched):
     return fn(params, xs, *batched), *jax.grad(loss, argnums=(0, 1))(params, xs)
 
 
-def _assert_same_inside_shard_map(fn, params, xs, *batched, rtol=1e-12, atol=1e-12):
+def _assert_same_inside_shard_map(fn, params, xs, *batched, rtol=1e-12, atol=1e-12, **shard_map_options):
     """``fn(params, xs, *batched)`` (every array of ``xs`` and ``batched`` batch-leading) with and without shard_map."""
     run = functools.partial(_outputs_and_gradients, fn)
     expected = jax.jit(run)(params, xs, *batched)
     specs = (P(), P("b")) + (P("b"),) * len(batched)
-    sharded = jax.jit(jax.shard_map(run, mesh=MESH, in_specs=specs, out_specs=(P("b"), P(), P("b"))))
+    sharded = jax.jit(
+        jax.shard_map(run, mesh=MESH, in_specs=specs, out_specs=(P("b"), P(), P("b")), **shard_map_options)
+    )
     got = sharded(params, xs, *batched)
     assert jax.tree.structure(got) == jax.tree.structure(expected)
     for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
@@ -147,3 +149,15 @@ def test_nnx_module():
         return nnx.merge(graphdef, s)(x, seq_lengths=n)
 
     _assert_same_inside_shard_map(fn, state, xs, lengths)
+
+
+def test_pallas_kernels_with_check_vma_off():
+    """The Pallas kernels declare outputs without mesh axes: inside shard_map they need ``check_vma=False``
+    (then the weights' gradient is per shard, to be summed with ``jax.lax.psum``; one device here)."""
+    params = jaxlstm.init_params(jax.random.key(11), I, 16, dtype=jnp.float32)
+    xs = jax.random.normal(jax.random.key(12), (16, T, I), jnp.float32)
+
+    def fn(p, x):
+        return jaxlstm.lstm(p, x, impl="pallas_interpret")
+
+    _assert_same_inside_shard_map(fn, params, xs, rtol=1e-5, atol=1e-5, check_vma=False)

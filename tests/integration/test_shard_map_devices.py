@@ -50,6 +50,21 @@ SCRIPT = textwrap.dedent(
             want = jax.jit(run)(p, xs, lengths)
             for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
                 np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-10, atol=1e-12)
+    # the Pallas kernels (interpreted here) need check_vma=False; the weights' gradient is then per shard
+    p = jaxlstm.init_params(jax.random.key(2), 3, 16, dtype=jnp.float64)
+    x16 = jax.random.normal(jax.random.key(3), (16, 5, 3), jnp.float64)
+
+    def pallas_loss(p, x):
+        return jnp.sum(jnp.sin(jaxlstm.lstm(p, x, impl="pallas_interpret")[0]))
+
+    summed = jax.jit(
+        jax.shard_map(
+            lambda p, x: jax.lax.psum(jax.grad(pallas_loss)(p, x), "b"),
+            mesh=mesh, in_specs=(P(), P("b")), out_specs=P(), check_vma=False,
+        )
+    )
+    for g, w in zip(jax.tree.leaves(summed(p, x16)), jax.tree.leaves(jax.grad(pallas_loss)(p, x16))):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-10, atol=1e-12)
     print("same on two devices")
     """
 )

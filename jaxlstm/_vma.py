@@ -3,13 +3,13 @@
 Under ``shard_map`` every value carries the set of mesh axes along which it
 varies (``jax.typeof(x).manual_axis_type.varying``; ``.vma`` before JAX
 0.10): a batch sharded over ``"b"`` varies along ``"b"``, replicated weights
-and a zero initial state do not. ``lax.scan``
-requires its carry to keep one type, but a step that mixes a varying input
-into an invariant state returns a varying one. So the layer casts its inputs
-(and the zeros it creates for a carry) to the union of their axes before it
-scans: :func:`common` and :func:`vary`. Autodiff turns the cast of the weights
-into a sum over the mesh axes (the gradient of replicated weights). Outside
-``shard_map`` no value varies and these are identities.
+and a zero initial state do not. ``lax.scan`` requires its carry to keep one
+type, but a step that mixes a varying input into an invariant state returns a
+varying one. So the layer casts its inputs (and the zeros it creates for a
+carry) to the union of their axes before it scans: :func:`common` and
+:func:`vary`. Autodiff turns the cast of the weights into a sum over the mesh
+axes (the gradient of replicated weights). Outside ``shard_map`` no value
+varies and these are identities.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ these names, and only in a folder that holds a run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import functools
@@ -34,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import training
+from .._train import parallel
 from ..linen import CharLM
 
 DEFAULT_CORPUS = "shakespeare.txt.gz"
@@ -706,18 +708,25 @@ def train(
     overwrite: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    mesh: jax.sharding.Mesh | None = None,
 ):
     """Train (or resume) a character model in ``out``; returns a :class:`TrainResult`.
 
     ``options`` holds the :class:`Config` fields the user set (a dict; the
     others take their defaults, or on ``resume`` the run's own values), or a
-    whole :class:`Config`.
+    whole :class:`Config`. ``mesh``: split each batch over its ``"data"`` axis
+    (:func:`jaxlstm.training.data_mesh`; required in several processes, where
+    every process runs this same call and only process 0 writes the run's
+    files and notes).
     """
     if isinstance(options, Config):
         derived = ("text_sha256", "vocab", "schedule_steps")
         options = {k: v for k, v in dataclasses.asdict(options).items() if k not in derived}
     if resume and overwrite:
         raise RunError("--resume continues the run in --out and --overwrite replaces it: give one of them.")
+    writer = jax.process_index() == 0
+    if not writer:
+        log = lambda msg: None  # noqa: E731  (process 0 speaks for the run)
     out = pathlib.Path(out).absolute()
     if out.exists() and not out.is_dir():
         raise RunError(f"--out {out} is a file; give a folder for the run.")
@@ -729,12 +738,16 @@ def train(
         raise RunError(f"cannot create the run folder {out}: {e.strerror}.") from None
     new_run = False
     try:
-        # signals only set a flag from here on: start-up checks it before training, fit() between steps
-        with RunLock(out), training.StopRequest(log) as stop:
+        # signals only set a flag from here on: start-up checks it before training, fit() between steps;
+        # process 0 holds the lock for all the processes of the run
+        lock = RunLock(out) if writer else contextlib.nullcontext()
+        with lock, training.StopRequest(log) as stop:
             new_run = not resume
-            return _train_locked(options, out, stop, resume=resume, overwrite=overwrite, progress=progress, log=log)
+            return _train_locked(
+                options, out, stop, resume=resume, overwrite=overwrite, progress=progress, log=log, mesh=mesh
+            )
     except BaseException:
-        if new_run and not _checkpoint_steps(out):
+        if writer and new_run and not _checkpoint_steps(out):
             _clean_failed_start(out, created, preexisting)
         raise
 
@@ -753,7 +766,8 @@ def _clean_failed_start(out: pathlib.Path, created: bool, preexisting: set) -> N
         pass
 
 
-def _train_locked(options: dict, out: pathlib.Path, stop, *, resume: bool, overwrite: bool, progress: bool, log):
+def _train_locked(options: dict, out: pathlib.Path, stop, *, resume: bool, overwrite: bool, progress: bool, log, mesh):
+    writer = jax.process_index() == 0
     has_run = _has_run(out)
     if has_run and not (resume or overwrite):
         raise RunError(
@@ -762,9 +776,7 @@ def _train_locked(options: dict, out: pathlib.Path, stop, *, resume: bool, overw
         )
     if resume and not has_run:
         raise RunError(f"--resume: {out} holds no run to continue (no config.json).")
-    if overwrite and has_run:
-        _remove_run_files(out)
-        log(f"--overwrite: removed the previous run's files from {out}")
+    # every option and file is checked before anything in the folder changes
     if resume:
         cfg = _resume_config(read_config(out), options, (_checkpoint_steps(out) or [0])[-1], log)
         text = _resume_text(cfg, options.get("text"))
@@ -777,7 +789,22 @@ def _train_locked(options: dict, out: pathlib.Path, stop, *, resume: bool, overw
         cfg.schedule_steps = cfg.steps
     train_text, valid_text = split_text(text, cfg.seq_len)
     _check_memory(cfg)
-    training.write_text_atomic(out / "config.json", _config_text(cfg))
+    devices = 1 if mesh is None else mesh.shape["data"]
+    if cfg.batch_size % devices:
+        raise RunError(
+            f"--batch-size {cfg.batch_size} cannot be split over {devices} devices; use a multiple of {devices} "
+            "(or fewer devices: --cpu-devices)."
+        )
+    parallel.barrier("jaxlstm-run-checked")  # no process changes the folder before every one has read it
+    if writer:
+        if overwrite and has_run:
+            _remove_run_files(out)
+            log(f"--overwrite: removed the previous run's files from {out}")
+        training.write_text_atomic(out / "config.json", _config_text(cfg))
+    parallel.barrier("jaxlstm-config-written")
+    if devices > 1:
+        where = f"{jax.process_count()} processes, " if jax.process_count() > 1 else ""
+        log(f"devices: each batch split over {where}{devices} {jax.devices()[0].platform.upper()} devices")
     log(
         f"corpus: {len(text):,} characters ({'embedded Shakespeare' if cfg.text is None else cfg.text}), "
         f"vocabulary {len(cfg.vocab)}; training on {len(train_text):,}, holding out the last {len(valid_text):,}"
@@ -846,6 +873,7 @@ def _train_locked(options: dict, out: pathlib.Path, stop, *, resume: bool, overw
             best_metric="eval_bits_per_char",
             best_dir=out / "best",
             patience=cfg.patience or None,
+            mesh=mesh,
         )
     except training.NonFiniteLossError as e:
         raise RunError(f"{e} The checkpoints hold only finite values.") from None
@@ -876,6 +904,9 @@ def _train_locked(options: dict, out: pathlib.Path, stop, *, resume: bool, overw
         )
         return TrainResult(result.state, result.history, stop.signal or signal.SIGINT)
     cell = "output-map cell" if cfg.output_transform else "classic cell"
+    text_sample = sample(model, result.state.params, cfg.vocab, "", 400, 0.8, cfg.seed)[0]  # every process
+    if not writer:
+        return TrainResult(result.state, result.history, None)
     plot_history(
         history,
         out / "loss.png",
@@ -883,7 +914,6 @@ def _train_locked(options: dict, out: pathlib.Path, stop, *, resume: bool, overw
         title=f"jaxlstm train: LSTM {cfg.hidden_size} x {cfg.num_layers} ({cell}), "
         f"batch {cfg.batch_size} x {cfg.seq_len}",
     )
-    text_sample = sample(model, result.state.params, cfg.vocab, "", 400, 0.8, cfg.seed)[0]
     training.write_text_atomic(out / "sample.txt", text_sample)
     how = "stopped early" if result.early_stopped else "finished"
     log(f"{how} at step {int(result.state.step)} in {wall:.0f} s; wrote {out}/checkpoints, metrics.jsonl, loss.png")

@@ -12,6 +12,7 @@ import argparse
 import logging
 import math
 import os
+import pathlib
 import signal
 import sys
 import threading
@@ -74,14 +75,40 @@ _TRAIN_FIELDS = {
 }
 
 
+def _launch(args: argparse.Namespace):
+    from .launch import Launch
+
+    return Launch(
+        cpu_devices=args.cpu_devices,
+        coordinator=args.coordinator,
+        num_processes=args.num_processes,
+        process_id=args.process_id,
+        auto_detect=args.distributed_auto,
+        init_timeout=args.init_timeout,
+        heartbeat_timeout=args.heartbeat_timeout,
+    )
+
+
 def _train(args: argparse.Namespace) -> int:
-    from . import charlm
+    from . import charlm, launch
 
     options = {field: getattr(args, name) for name, field in _TRAIN_FIELDS.items() if getattr(args, name) is not None}
     if args.classic:
         options["output_transform"] = False
     if args.streams:
         options["streams"] = True
+    how = _launch(args)
+    try:
+        # the batch size decides the automatic device count: the run's own on --resume
+        batch = options.get("batch_size") or _saved_batch_size(args.out, args.resume) or charlm.Config().batch_size
+        launch.start(how, batch)
+    except launch.LaunchError as e:
+        raise charlm.RunError(str(e)) from None
+    import jax
+
+    from ..training import data_mesh
+
+    mesh = data_mesh() if jax.device_count() > 1 else None
     stopped_by = charlm.train(
         options,
         args.out,
@@ -89,8 +116,21 @@ def _train(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=not args.no_progress,
         log=lambda msg: print(msg, flush=True),
+        mesh=mesh,
     ).stopped_by
     return 0 if stopped_by is None else 128 + int(stopped_by)
+
+
+def _saved_batch_size(out: str, resume: bool) -> int | None:
+    """The batch size of the run being resumed (None where there is none to read)."""
+    if not resume:
+        return None
+    from . import charlm
+
+    try:
+        return charlm.read_config(pathlib.Path(out)).batch_size
+    except charlm.RunError:
+        return None  # train() reports it
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -267,6 +307,47 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="no progress bar: one plain line per logging interval with the training and held-out bits/char",
     )
+    scale = train.add_argument_group(
+        "devices and processes",
+        "Data parallelism: each batch is split over the devices (and processes), the model replicated. "
+        "A run's devices and processes are not part of it: it resumes on any number.",
+    )
+    scale.add_argument(
+        "--cpu-devices",
+        type=pos_int,
+        default=None,
+        help="CPU devices for this process (default: one per core, at most 2, that the batch splits into; "
+        "1 in several processes); ignored where JAX uses a GPU or TPU",
+    )
+    scale.add_argument(
+        "--coordinator", default=None, help="HOST:PORT of process 0: several processes train one model together"
+    )
+    scale.add_argument(
+        "--num-processes", type=pos_int, default=None, help="how many processes train together (with --coordinator)"
+    )
+    scale.add_argument(
+        "--process-id",
+        type=_number(int, minimum=0),
+        default=None,
+        help="this process's number, 0 to --num-processes - 1 (0 writes the run's files)",
+    )
+    scale.add_argument(
+        "--distributed-auto",
+        action="store_true",
+        help="let JAX find the processes and coordinator itself (SLURM, TPU pods, cloud clusters)",
+    )
+    scale.add_argument(
+        "--init-timeout",
+        type=pos_int,
+        default=300,
+        help="seconds to wait for the coordinator and the other processes at start-up (default 300)",
+    )
+    scale.add_argument(
+        "--heartbeat-timeout",
+        type=pos_int,
+        default=100,
+        help="seconds without word from a process before JAX's coordinator gives it up (default 100)",
+    )
     train.set_defaults(func=_train)
     gen = sub.add_parser(
         "generate",
@@ -370,6 +451,13 @@ def main(argv=None, *, pending_signal: int | None = None) -> int:
         if isinstance(e, RunError):
             print(f"{command}: error: {e}", file=sys.stderr)
             return EXIT_INPUT
+        from ..training import PartnerLost
+
+        if isinstance(e, PartnerLost):
+            # the distributed runtime would wait for the lost process at exit (and then abort): end here
+            print(f"{command}: error: {e}", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(EXIT_ERROR)
         if os.environ.get("JAXLSTM_DEBUG"):
             raise
         kind = "" if isinstance(e, OSError) else f"{type(e).__name__}: "

@@ -12,19 +12,16 @@ from __future__ import annotations
 
 import json
 import pathlib
-import queue
 import shutil
 import signal
-import subprocess
 import sys
-import threading
 import time
 
 import jax
 import numpy as np
 import pytest
 
-from tests.helpers.processes import default_compile_env
+from tests.helpers.processes import Process, default_compile_env
 
 pytestmark = pytest.mark.slow
 
@@ -81,43 +78,9 @@ def corpus(tmp_path_factory):
     return TEXT
 
 
-class Proc:
-    """A ``jaxlstm train`` subprocess whose output lines are read as they come."""
-
-    def __init__(self, cmd):
-        self.p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
-        self.lines: list[str] = []
-        self._q: queue.Queue = queue.Queue()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self):
-        for line in self.p.stdout:
-            self.lines.append(line.rstrip("\n"))
-            self._q.put(line)
-        self._q.put(None)
-
-    def wait_for(self, text: str, timeout: float = 240) -> bool:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if any(text in ln for ln in self.lines):
-                return True
-            try:
-                if self._q.get(timeout=0.05) is None:
-                    return any(text in ln for ln in self.lines)
-            except queue.Empty:
-                pass
-        return False
-
-    def finish(self, timeout: float = 300) -> int:
-        rc = self.p.wait(timeout=timeout)
-        self._reader.join(timeout=10)
-        self.p.stdout.close()
-        return rc
-
-    @property
-    def output(self) -> str:
-        return "\n".join(self.lines)
+def Proc(cmd):
+    """A ``jaxlstm train`` subprocess in this module's environment (see :class:`Process`)."""
+    return Process(cmd, env=ENV)
 
 
 def _final_state(out: pathlib.Path):

@@ -54,7 +54,7 @@ class Best:
     def observe(self, at: int, evaluation: Mapping[str, float]) -> tuple[bool, bool]:
         """``(improved, stop)`` after the evaluation at step ``at``."""
         if self.metric not in evaluation:
-            raise KeyError(
+            raise ValueError(
                 f"best_metric {self.metric!r} is not among the evaluation's values {sorted(evaluation)}: "
                 f"best_dir and patience follow it. Pass one of those as best_metric (eval_fn's keys take an "
                 f"'eval_' prefix)."

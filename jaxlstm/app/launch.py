@@ -96,7 +96,16 @@ def start(launch: Launch, batch_size: int) -> None:
     import jax
 
     n = resolve_cpu_devices(launch, batch_size)
-    jax.config.update("jax_num_cpu_devices", n)
+    try:
+        jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError:
+        # JAX already started in this process (a caller of cli.main): its devices stay as they are
+        if launch.distributed or (launch.cpu_devices is not None and launch.cpu_devices != len(jax.devices("cpu"))):
+            raise LaunchError(
+                "JAX has already started in this process, so its devices can no longer be chosen: run the "
+                "jaxlstm command in a process of its own for --cpu-devices or several processes."
+            ) from None
+        return
     if not launch.distributed:
         return
     if not launch.auto_detect:

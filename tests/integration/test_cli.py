@@ -153,6 +153,36 @@ def test_overwrite_removes_only_what_a_run_wrote(tmp_path, text, capsys):
     assert (folder / "data" / "x.csv").read_text() == "1,2"
 
 
+@pytest.mark.parametrize(
+    "bad, words",
+    [(["--text", "nope.txt"], "text file not found"), (["--seq-len", "30000"], "--seq-len 30000 is longer")],
+    ids=["missing-text", "seq-len-longer-than-the-text"],
+)
+def test_overwrite_with_a_bad_option_removes_nothing(tmp_path, text, capsys, bad, words):
+    """--overwrite used to remove the finished run, then fail on the option: both runs lost."""
+    out = tmp_path / "run"
+    assert cli("train", "--text", str(text), "--out", str(out), "--steps", "3", *SMALL) == 0
+    files = lambda: {  # noqa: E731
+        p.relative_to(out): (p.stat().st_mtime_ns, p.read_bytes())
+        for p in out.rglob("*")
+        if p.is_file() and p.name != ".jaxlstm.lock"  # the lock holds the pid of the process in the folder
+    }
+    before = files()
+    args = ["train", "--text", str(text), "--out", str(out), "--steps", "3", "--overwrite", *SMALL, *bad]
+    msg = one_line_error(capsys, *args)
+    assert words in msg and "removed" not in capsys.readouterr().out
+    assert files() == before
+
+
+def test_cpu_devices_cannot_change_once_jax_runs_in_the_process(tmp_path, text, capsys):
+    """In-process callers of main(): JAX already has its devices; asking for others is one line."""
+    msg = one_line_error(
+        capsys, "train", "--text", str(text), "--out", str(tmp_path / "r"), "--cpu-devices", "3", *SMALL
+    )
+    assert "process of its own" in msg
+    assert not (tmp_path / "r").exists()
+
+
 def test_foreign_config_is_never_deleted(tmp_path, text, capsys):
     folder = tmp_path / "other"
     folder.mkdir()

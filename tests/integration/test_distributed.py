@@ -150,9 +150,7 @@ def test_two_processes_train_as_one_process(text, two_devices, tmp_path):
 
 
 @pytest.mark.parametrize("target", [1, 0], ids=["sigterm-to-process-1", "sigterm-to-process-0"])
-def test_a_signal_to_one_process_stops_both_then_the_run_resumes_in_two_and_in_one(
-    text, two_devices, tmp_path, target
-):
+def test_a_signal_to_one_process_stops_both_then_the_run_resumes_in_two_and_in_one(text, two_devices, tmp_path, target):
     out = tmp_path / "run"
     procs = pair(text, out)
     worker, writer = procs

@@ -107,7 +107,8 @@ def evaluator(model, tokens: np.ndarray, seq_len: int, streams: int = 16):
     return evaluate
 
 
-def run(cfg: charlm.Config, budget: float, text: str, log=print) -> dict:
+def setup(cfg: charlm.Config, text: str):
+    """``(model, optimizer, batches, lr, evaluate)`` of the main job, in PyTorch."""
     import torch
 
     torch.manual_seed(cfg.seed)
@@ -119,23 +120,37 @@ def run(cfg: charlm.Config, budget: float, text: str, log=print) -> dict:
     evaluate = evaluator(model, charlm.encode(valid_text, vocab), cfg.seq_len)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     warmup = max(1, cfg.steps // 20) if cfg.warmup_steps is None else cfg.warmup_steps
-    lr = schedule(cfg.learning_rate, cfg.steps, warmup)
+    return model, opt, batches, schedule(cfg.learning_rate, cfg.steps, warmup), evaluate
+
+
+def train_step(model, opt, batches, lr, step: int, state, cfg: charlm.Config):
+    """One training step on the main job's batch ``step``; returns the state to carry (``--streams``)."""
+    import torch
+
+    for group in opt.param_groups:
+        group["lr"] = lr(step)
+    batch = torch.as_tensor(np.array(batches(step)), dtype=torch.long)  # a writable copy
+    logits, state = model(batch[:, :-1], state if cfg.streams else None)
+    state = tuple(s.detach() for s in state)  # truncated BPTT: the state carries, its gradient does not
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return state
+
+
+def run(cfg: charlm.Config, budget: float, text: str, log=print) -> dict:
+    import torch
+
+    model, opt, batches, lr, evaluate = setup(cfg, text)
     batches(0)  # compiled before the clock starts
     curve = []
     state = None
     t0 = time.perf_counter()
     step = 0
     while step < cfg.steps and time.perf_counter() - t0 < budget:
-        for group in opt.param_groups:
-            group["lr"] = lr(step)
-        batch = torch.as_tensor(np.array(batches(step)), dtype=torch.long)  # a writable copy
-        logits, state = model(batch[:, :-1], state if cfg.streams else None)
-        state = tuple(s.detach() for s in state)  # truncated BPTT: the state carries, its gradient does not
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        state = train_step(model, opt, batches, lr, step, state, cfg)
         step += 1
         if step % cfg.eval_every == 0:
             curve.append((step, time.perf_counter() - t0, evaluate()))

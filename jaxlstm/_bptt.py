@@ -197,8 +197,19 @@ def backward_scan(
     return d_pre, dz, LSTMState(dc0, dh0), da
 
 
-def _rows(a: Array) -> Array:
-    return a.reshape(-1, a.shape[-1])
+def _outer_sum(a: Array, b: Array) -> Array:
+    """``sum over every leading axis of a[..., i] * b[..., j]``: ``(I, J)``, one matmul over all ``T * B`` rows.
+
+    A dot over the leading axes rather than a reshape to ``(T * B, .)`` first: under a batch split over
+    devices (``jit`` with sharded inputs) the reshape would merge the split batch axis into the time axis,
+    and XLA would gather the whole batch onto every device to compute it.
+    """
+    lead = tuple(range(a.ndim - 1))
+    return jax.lax.dot_general(a, b, ((lead, lead), ((), ())))
+
+
+def _lead_sum(a: Array) -> Array:
+    return a.sum(tuple(range(a.ndim - 1)))
 
 
 def param_grads(
@@ -216,21 +227,20 @@ def param_grads(
 
     With a projection, ``gamma_o`` ``(T, *B, H)`` and ``da`` ``(T, *B, P)`` give ``dW_hr``.
     """
-    dg = _rows(d_pre)
+    dg = d_pre
     acc = dg.dtype
     h_prev = h_prev.astype(acc)
     if mask is not None:
         h_prev = h_prev * mask[None].astype(acc)
-    dw_h = _rows(h_prev).T @ dg
-    dw_x = _rows(xs.astype(acc)).T @ dg
-    db = dg.sum(0)
+    dw_h = _outer_sum(h_prev, dg)
+    dw_x = _outer_sum(xs.astype(acc), dg)
+    db = _lead_sum(dg)
     dw_hr = None
     if params.w_hr is not None and gamma_o is not None and da is not None:
-        dw_hr = _rows(gamma_o).T @ _rows(da)
+        dw_hr = _outer_sum(gamma_o, da)
     if params.w_o is None or dz is None:
         return LSTMParams(dw_h, dw_x, db, None, None, dw_hr)
-    dzr = _rows(dz)
-    return LSTMParams(dw_h, dw_x, db, _rows(cells).T @ dzr, dzr.sum(0), dw_hr)
+    return LSTMParams(dw_h, dw_x, db, _outer_sum(cells, dz), _lead_sum(dz), dw_hr)
 
 
 def _add_params(a: LSTMParams, b: LSTMParams) -> LSTMParams:

@@ -38,9 +38,12 @@ def usable_cores() -> int:
 
 
 def resolve_cpu_devices(launch: Launch, batch_size: int) -> int:
-    """CPU devices for this process: as given, or automatically one per core up to two (the main job
-    measured faster split over two CPU devices on a 2-core machine, see benchmarks/scaling.py), one in
-    several processes, and never more than the batch splits into."""
+    """CPU devices for this process: as given, or one per usable core up to two, and never more than the
+    batch splits into (one in several processes).
+
+    The main job measured faster split over two CPU devices on a 2-core machine: ``python
+    benchmarks/scaling.py`` (``benchmarks/results/scaling.md``). More than two were not measured.
+    """
     if launch.cpu_devices is not None:
         return launch.cpu_devices
     if launch.distributed:

@@ -271,3 +271,24 @@ def test_fit_in_two_processes_equals_two_devices(tmp_path, feed):
     for p in procs:
         assert last(p) == last(ref)
     assert last(ref)["loss"][-1] < last(ref)["loss"][0]
+
+
+def test_scaling_benchmark_runs_every_setting(tmp_path):
+    """benchmarks/scaling.py --quick: every setting measured (two processes included) and the table written."""
+    root = pathlib.Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, str(root / "benchmarks" / "scaling.py"), "--quick", "--no-torch", "--out", str(tmp_path)]
+    p = Process(cmd, env=default_compile_env())
+    assert p.finish(timeout=600) == 0, p.output
+    data = json.loads((tmp_path / "scaling.json").read_text())
+    names = [r["name"] for r in data["rows"]]
+    assert names == [
+        "jaxlstm, 1 CPU device",
+        "jaxlstm, 2 CPU devices in 1 process",
+        "jaxlstm, 2 processes x 1 CPU device",
+    ]
+    assert all(len(r["per_step_s"]) == 2 and min(r["per_step_s"]) > 0 for r in data["rows"])
+    assert [row["hidden_size"] for row in data["projection"]] == [384, 1024, 2048]
+    for row in data["projection"]:  # an independent count of the bytes: 4 per parameter
+        assert row["allreduce_bytes"] == 4 * row["params"]
+        assert 0 < row["efficiency_512"] <= row["efficiency_64"] <= row["efficiency_8"] < 1
+    assert "| jaxlstm, 2 processes x 1 CPU device |" in (tmp_path / "scaling.md").read_text()

@@ -76,3 +76,47 @@ def test_batch_split_over_two_cpu_devices():
     out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "same on two devices" in out.stdout
+
+
+JIT_SCRIPT = textwrap.dedent(
+    """
+    import re
+    import jax
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    import jaxlstm
+
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    xs = jax.random.normal(jax.random.key(0), (4, 7, 3), jnp.float64)
+    lengths = jnp.array([7, 3, 0, 5])
+    for seed_cell in (True, False):
+        p = jaxlstm.init_params(jax.random.key(1), 3, 5, output_transform=seed_cell, dtype=jnp.float64)
+
+        def loss(p, x, n):
+            hs, final = jaxlstm.lstm(p, x, seq_lengths=n)
+            return jnp.sum(jnp.sin(hs)) + jnp.sum(final.cell**2)
+
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+        put = [jax.device_put(a, NamedSharding(mesh, s)) for a, s in zip((p, xs, lengths), (P(), P("data"), P("data")))]
+        hlo = grad.lower(*put).compile().as_text()
+        gathers = re.findall(r"all-gather\\(", hlo)
+        assert not gathers, f"{len(gathers)} all-gathers: the batch is gathered onto every device"
+        for g, w in zip(jax.tree.leaves(grad(*put)), jax.tree.leaves(jax.grad(loss, argnums=(0, 1))(p, xs, lengths))):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-10, atol=1e-12)
+    print("no gather")
+    """
+)
+
+
+def test_a_batch_split_by_jit_stays_split_in_the_backward_pass():
+    """jit over a batch split across devices (what fit(mesh=...) does): the weight gradients are summed
+    per device and all-reduced; the layer's backward pass used to gather the whole batch onto every
+    device (a reshape merged the split batch axis into time), which made two CPU devices slower than one."""
+    env = fast_compile_env()
+    env["XLA_FLAGS"] += " --xla_force_host_platform_device_count=2"
+    out = subprocess.run([sys.executable, "-c", JIT_SCRIPT], capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "no gather" in out.stdout

@@ -206,7 +206,8 @@ def projection(hidden_sizes=(384, 1024, 2048)) -> list[dict]:
     from jaxlstm.app import charlm
 
     d = charlm.Config()
-    V, E, T, B = 65, d.embed_dim, d.seq_len, d.batch_size  # the embedded corpus has 65 characters
+    V = len(set(charlm.load_text(None)))  # the embedded corpus's characters
+    E, T, B = d.embed_dim, d.seq_len, d.batch_size
     sustained = 20e12  # FLOP/s one accelerator sustains on this step (a stated assumption)
     links = {8: 100e9, 64: 25e9, 512: 25e9}  # bytes/s per device: in one node (8), over a 200 Gb/s fabric beyond
     latency = 10e-6  # seconds per all-reduce hop

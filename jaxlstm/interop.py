@@ -411,15 +411,31 @@ def jax_states_to_torch(states) -> tuple:
 # ------------------------------------------------------------------ Keras 3
 
 
-def from_keras(src) -> LSTMParams:
+def from_keras(src, *, go_backwards_ok: bool = False) -> LSTMParams:
     """A ``keras.layers.LSTM`` (or its ``get_weights()`` list) -> :class:`jaxlstm.LSTMParams`.
 
-    Expects Keras' defaults ``activation="tanh"``, ``recurrent_activation="sigmoid"``.
+    Expects Keras' defaults ``activation="tanh"``, ``recurrent_activation="sigmoid"``
+    and ``go_backwards=False``. A layer with ``go_backwards=True`` reads time
+    backwards: it is refused unless ``go_backwards_ok=True``, which says you
+    will run the params with ``jaxlstm.lstm(..., reverse=True)`` (whose outputs
+    come in time order, where Keras returns them in the order it read them). A
+    ``Bidirectional`` converts whole with :func:`from_keras_bidirectional`.
     """
+    return _from_keras(src, backwards_ok=go_backwards_ok)
+
+
+def _from_keras(src, *, backwards_ok: bool) -> LSTMParams:
     if hasattr(src, "get_weights"):
         cfg = src.get_config() if hasattr(src, "get_config") else {}
         if cfg.get("activation", "tanh") != "tanh" or cfg.get("recurrent_activation", "sigmoid") != "sigmoid":
             raise ValueError("only Keras LSTMs with activation='tanh' and recurrent_activation='sigmoid' convert.")
+        if cfg.get("go_backwards", False) and not backwards_ok:
+            raise ValueError(
+                "from_keras: this Keras LSTM has go_backwards=True: it reads time backwards, and params run "
+                "forwards would not reproduce it. Pass go_backwards_ok=True and run them with "
+                "jaxlstm.lstm(..., reverse=True) (outputs in time order; Keras returns them in reading order), "
+                "or convert a Bidirectional layer whole with from_keras_bidirectional."
+            )
         # read the variables' values directly (some Keras versions warn in get_weights under NumPy 2)
         src = [getattr(w, "value", w) for w in src.weights]
     weights = [np.asarray(w) for w in src]
@@ -460,7 +476,8 @@ def from_keras_bidirectional(src) -> BidirectionalParams:
     time order, which is what jaxlstm's backward direction does.
     """
     if hasattr(src, "forward_layer") and hasattr(src, "backward_layer"):
-        return BidirectionalParams(from_keras(src.forward_layer), from_keras(src.backward_layer))
+        # Keras' backward layer has go_backwards=True, and Bidirectional puts its outputs back in time order
+        return BidirectionalParams(from_keras(src.forward_layer), _from_keras(src.backward_layer, backwards_ok=True))
     weights = list(src)
     if len(weights) not in (4, 6):
         raise ValueError(
@@ -505,6 +522,18 @@ def to_flax_linen(params: LSTMParams) -> dict:
     return out
 
 
+def _check_flax_activations(cell, what: str) -> None:
+    """Only a cell with the LSTM's own activations converts exactly: sigmoid gates, tanh candidate and output."""
+    gate = getattr(cell, "gate_fn", jax.nn.sigmoid)
+    act = getattr(cell, "activation_fn", jax.nn.tanh)
+    if gate is not jax.nn.sigmoid or act is not jax.nn.tanh:
+        name = lambda f: getattr(f, "__name__", repr(f))  # noqa: E731
+        raise ValueError(
+            f"{what}: only cells with gate_fn=sigmoid and activation_fn=tanh convert exactly; this one has "
+            f"gate_fn={name(gate)}, activation_fn={name(act)}. jaxlstm's cells use sigmoid and tanh."
+        )
+
+
 def _pure(src) -> dict:
     from flax import nnx
 
@@ -522,6 +551,7 @@ def from_flax_nnx(src) -> LSTMParams:
     ``(H, 4H)`` with bias, blocks in the order i, f, g, o.
     """
     what = "from_flax_nnx"
+    _check_flax_activations(src, what)
     p = _pure(src)
     if "dense_i" in p:
         return _from_classic(

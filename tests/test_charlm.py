@@ -1,5 +1,6 @@
 """The character-LM job: its sampling filters against a NumPy reference, its training batches."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -8,7 +9,8 @@ from jaxlstm.app.charlm import RunError, check_sampling, filter_logits, stream_b
 
 
 def reference(logits, temperature, top_k, top_p):
-    z = np.asarray(logits, np.float64) / temperature
+    z = np.asarray(logits, np.float64)
+    z = (z - z.max()) / temperature  # logits up to a constant: the shift that changes no probability
     keep = np.ones_like(z, bool)
     order = np.argsort(-z)
     if top_k is not None:
@@ -32,6 +34,22 @@ def test_filter_logits_matches_reference(top_k, top_p):
     np.testing.assert_allclose(got, reference(logits, 0.7, top_k, top_p), rtol=1e-12)
     kept = np.isfinite(got).sum()
     assert kept >= 1 and (top_k is None or kept <= top_k)
+
+
+@pytest.mark.parametrize("temperature", [1e-45, 1e-30, 1e-8])
+def test_a_tiny_temperature_gives_the_greedy_limit(temperature):
+    """--temperature 1e-45 used to overflow the logits to NaN (the samples came out as newlines)."""
+    logits = jnp.asarray(np.random.default_rng(1).normal(size=(3, 10)), jnp.float32)
+    probs = jax.nn.softmax(filter_logits(logits, temperature), axis=-1)
+    np.testing.assert_array_equal(np.asarray(probs), np.eye(10)[np.argmax(np.asarray(logits), -1)])
+
+
+@pytest.mark.parametrize("temperature", [1e30, 1e300])
+def test_a_huge_temperature_is_uniform_and_quiet(temperature):
+    """--temperature 1e300 used to leak NumPy's overflow warning (warnings are errors in this suite)."""
+    logits = jnp.asarray(np.random.default_rng(2).normal(size=(2, 7)), jnp.float32)
+    probs = jax.nn.softmax(filter_logits(logits, temperature), axis=-1)
+    np.testing.assert_allclose(np.asarray(probs), np.full((2, 7), 1 / 7), rtol=1e-6)
 
 
 @pytest.mark.parametrize(

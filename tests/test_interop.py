@@ -194,6 +194,20 @@ def test_flax_nnx_parity(cell_name, peer_promotion):
     assert_bitwise(interop.from_flax_nnx(nnx.to_pure_dict(nnx.state(cell, nnx.Param))), mine)
 
 
+@pytest.mark.parametrize("change", [{"activation_fn": "relu"}, {"gate_fn": "hard_sigmoid"}])
+def test_flax_nnx_cells_with_other_activations_are_refused(change):
+    """from_flax_nnx used to convert an nnx.LSTMCell(activation_fn=relu) as if it were tanh (1.65 off)."""
+    from flax import nnx
+
+    kw = {k: getattr(jax.nn, v) for k, v in change.items()}
+    cell = nnx.LSTMCell(I, H, rngs=nnx.Rngs(0), **kw)
+    with pytest.raises(
+        ValueError,
+        match=f"from_flax_nnx: only cells with gate_fn=sigmoid and activation_fn=tanh.*{list(change.values())[0]}",
+    ):
+        interop.from_flax_nnx(cell)
+
+
 # ------------------------------------------------------------------ Equinox
 
 
@@ -330,7 +344,10 @@ def test_keras_parity_with_mask(go_backwards, peer_promotion):
     layer(x)
     layer.set_weights([rng.normal(size=tuple(w.shape)).astype("float32") * 0.5 for w in layer.weights])
     out, hn, cn = layer(x, mask=valid)
-    p = interop.from_keras(layer)
+    if go_backwards:  # refused unless the caller says it will run the params in reverse
+        with pytest.raises(ValueError, match="go_backwards=True.*reverse=True"):
+            interop.from_keras(layer)
+    p = interop.from_keras(layer, go_backwards_ok=go_backwards)
     ys, final = jaxlstm.lstm(p, jnp.asarray(x), mask=jnp.asarray(valid), reverse=go_backwards)
     out = np.asarray(out)
     if go_backwards:  # Keras returns the outputs in processing order

@@ -190,7 +190,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .charlm import Config
+    from .config import MAX_SEED, Config
 
     d = Config()
     parser = _Parser(
@@ -237,9 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--seed",
-        type=_number(int, minimum=0),
+        type=_number(int, minimum=0, maximum=MAX_SEED),
         default=None,
-        help=f"seed of initialisation and batches (default {d.seed})",
+        help=f"seed of initialisation and batches, 0 to {MAX_SEED} (default {d.seed})",
     )
     train.add_argument(
         "--eval-every", type=pos_int, default=None, help=f"steps between held-out evaluations (default {d.eval_every})"
@@ -374,7 +374,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--num-samples", type=pos_int, default=1, help="independent samples, drawn in one batch (default 1)"
     )
-    gen.add_argument("--seed", type=_number(int, minimum=0), default=0, help="random seed of the sampling (default 0)")
+    gen.add_argument(
+        "--seed",
+        type=_number(int, minimum=0, maximum=2**32 - 1),
+        default=0,
+        help="random seed of the sampling, 0 to 4294967295 (default 0)",
+    )
     gen.set_defaults(func=_generate)
     demo = sub.add_parser(
         "demo",
@@ -385,7 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=pos_int, default=100, help="time steps (default 100)")
     demo.add_argument("--input-size", type=pos_int, default=32, help="input features (default 32)")
     demo.add_argument("--hidden-size", type=pos_int, default=64, help="hidden size (default 64)")
-    demo.add_argument("--seed", type=_number(int, minimum=0), default=0, help="random seed (default 0)")
+    demo.add_argument(
+        "--seed", type=_number(int, minimum=0, maximum=2**32 - 1), default=0, help="random seed (default 0)"
+    )
     demo.set_defaults(func=_demo)
     return parser
 

@@ -183,6 +183,26 @@ def test_cpu_devices_cannot_change_once_jax_runs_in_the_process(tmp_path, text, 
     assert not (tmp_path / "r").exists()
 
 
+def test_a_new_run_never_replaces_files_named_like_a_runs(tmp_path, text, capsys, monkeypatch):
+    """--text sample.txt --out . in the user's folder: the text was replaced by 400 generated characters
+    and the user's metrics.jsonl row dropped."""
+    (tmp_path / "sample.txt").write_text(text.read_text())
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "mine": true}\n')
+    monkeypatch.chdir(tmp_path)
+    msg = one_line_error(capsys, "train", "--text", "sample.txt", "--out", ".", "--steps", "3", *SMALL)
+    assert "named like a run's (metrics.jsonl, sample.txt)" in msg
+    assert (tmp_path / "sample.txt").read_text() == text.read_text()
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1, "mine": true}\n'
+    assert not (tmp_path / "config.json").exists()
+
+
+@pytest.mark.parametrize("seed", ["4294967294", "4294967296", "9223372036854775807"])
+def test_a_seed_jax_would_wrap_around_is_refused(tmp_path, text, capsys, seed):
+    """--seed 4294967296 gave the run of --seed 0; 9223372036854775807 an OverflowError naming no option."""
+    msg = one_line_error(capsys, "train", "--text", str(text), "--out", str(tmp_path / "r"), "--seed", seed, *SMALL)
+    assert "--seed" in msg and "at most 4294967293" in msg
+
+
 def test_foreign_config_is_never_deleted(tmp_path, text, capsys):
     folder = tmp_path / "other"
     folder.mkdir()
@@ -428,3 +448,22 @@ def test_runs_of_earlier_format_versions_still_resume(tmp_path, text, capsys, ve
     if version == 1:
         assert resumed["log_every"] == 10
     assert cli("generate", "--checkpoint", str(out), "--length", "5") == 0
+
+
+def test_a_bad_xla_flag_leaves_nothing_that_blocks_the_corrected_command(tmp_path, text):
+    """XLA's fatal error at start-up used to leave config.json and the lock: the corrected command then
+    refused ("already holds a run"). JAX starts its devices now before the run folder is touched."""
+    import sys
+
+    out = tmp_path / "run"
+    launcher = "import sys, jaxlstm_cli; sys.exit(jaxlstm_cli.main())"
+    cmd = [sys.executable, "-c", launcher, "train", "--text", str(text), "--out", str(out), "--steps", "3", *SMALL]
+    env = dict(os.environ)
+    bad = subprocess.run(
+        cmd, env=dict(env, XLA_FLAGS=env.get("XLA_FLAGS", "") + " --xla_garbage_flag=1"), capture_output=True,
+        text=True, timeout=300,
+    )  # fmt: skip
+    assert bad.returncode != 0
+    assert not out.exists()
+    good = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert good.returncode == 0, good.stderr[-2000:]

@@ -292,3 +292,12 @@ def test_scaling_benchmark_runs_every_setting(tmp_path):
         assert row["allreduce_bytes"] == 4 * row["params"]
         assert 0 < row["efficiency_512"] <= row["efficiency_64"] <= row["efficiency_8"] < 1
     assert "| jaxlstm, 2 processes x 1 CPU device |" in (tmp_path / "scaling.md").read_text()
+    # the parameter count on paper against the main job's model itself
+    import jax
+
+    from jaxlstm.app import charlm
+
+    cfg = charlm.Config()
+    cfg.vocab = "".join(sorted(set(charlm.load_text(None))))
+    _, state = charlm._state(cfg)
+    assert data["projection"][0]["params"] == sum(a.size for a in jax.tree.leaves(state.params))

@@ -97,6 +97,8 @@ def train(
         options = {k: v for k, v in dataclasses.asdict(options).items() if k not in derived}
     if resume and overwrite:
         raise RunError("--resume continues the run in --out and --overwrite replaces it: give one of them.")
+    if not str(out).strip():
+        raise RunError("--out is empty: name the run folder (e.g. runs/mine, or . for the current folder).")
     writer = jax.process_index() == 0
     if not writer:
         log = lambda msg: None  # noqa: E731  (process 0 speaks for the run)
@@ -326,13 +328,17 @@ def _initial_carry(cfg: Config, model: CharLM, state):
     return zero_carry(model, state.params, cfg.batch_size, cfg.seq_len) if cfg.streams else None
 
 
-def load(run_dir, log: Callable[[str], None] = print):
-    """``(model, params, config)`` from the newest intact checkpoint of a run folder."""
+def load(run_dir, log: Callable[[str], None] = print, *, best: bool = False):
+    """``(model, params, config)`` from the newest intact checkpoint of a run folder (``best``: from the
+    best held-out evaluation's, in ``<run>/best``)."""
     run_dir = pathlib.Path(run_dir)
     cfg = read_config(run_dir)
     model, state = _state(cfg)
-    ckpt_dir = run_dir / "checkpoints"
-    if not checkpoint_steps(run_dir):
+    folder = "best" if best else "checkpoints"
+    ckpt_dir = run_dir / folder
+    if not checkpoint_steps(run_dir, folder):
+        if best:
+            raise RunError(f"{run_dir} holds no best checkpoint yet: it is written at the run's first evaluation.")
         raise RunError(f"{run_dir} holds no checkpoint yet: was the run stopped before its first save?")
     ckpt = training.Checkpointer(ckpt_dir, read_only=True)
     try:
@@ -342,8 +348,10 @@ def load(run_dir, log: Callable[[str], None] = print):
         raise RunError(str(e)) from None
     finally:
         ckpt.close()
-    if step != checkpoint_steps(run_dir)[-1]:
+    if step != checkpoint_steps(run_dir, folder)[-1]:
         log(f"using checkpoint {step}, the newest intact one")
+    elif best:
+        log(f"using the best checkpoint, from step {step}")
     state, _, _ = training.from_snapshot(state, snap, None)
     return model, state.params, cfg
 
@@ -359,10 +367,11 @@ def generate(
     top_k: int | None = None,
     top_p: float = 1.0,
     num_samples: int = 1,
+    best: bool = False,
 ) -> list[str]:
-    """Samples from the newest intact checkpoint of a run (see :func:`sample`); one string per sample."""
+    """Samples from the newest intact checkpoint of a run, or its best (see :func:`sample`); one string per sample."""
     check_sampling(temperature, top_k, top_p, num_samples)
-    model, params, cfg = load(pathlib.Path(run_dir), log)
+    model, params, cfg = load(pathlib.Path(run_dir), log, best=best)
     return sample(
         model, params, cfg.vocab, prompt, length, temperature, seed, top_k=top_k, top_p=top_p, num_samples=num_samples
     )

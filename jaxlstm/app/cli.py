@@ -114,7 +114,8 @@ def _train(args: argparse.Namespace) -> int:
         args.out,
         resume=args.resume,
         overwrite=args.overwrite,
-        progress=not args.no_progress,
+        # a bar only on a terminal: in a log file or a scheduler's output its frames pile up, so plain lines
+        progress=not args.no_progress and sys.stderr.isatty(),
         log=lambda msg: print(msg, flush=True),
         mesh=mesh,
     ).stopped_by
@@ -148,6 +149,7 @@ def _generate(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         top_p=args.top_p,
         num_samples=args.num_samples,
+        best=args.best,
     )
     for k, text in enumerate(samples):
         if len(samples) > 1:
@@ -305,7 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--no-progress",
         action="store_true",
-        help="no progress bar: one plain line per logging interval with the training and held-out bits/char",
+        help="no progress bar: one plain line per logging interval with the training and held-out bits/char "
+        "(the default where stderr is not a terminal)",
     )
     scale = train.add_argument_group(
         "devices and processes",
@@ -354,7 +357,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="sample text from a trained run",
         description="Continue a prompt with characters sampled from a run's newest intact checkpoint.",
     )
-    gen.add_argument("--checkpoint", required=True, help="a run folder written by jaxlstm train (its --out)")
+    gen.add_argument(
+        "--checkpoint",
+        "--out",
+        dest="checkpoint",
+        required=True,
+        help="a run folder written by jaxlstm train (its --out; either name works)",
+    )
+    gen.add_argument(
+        "--best",
+        action="store_true",
+        help="sample from the checkpoint of the best held-out evaluation (<run>/best), not the newest",
+    )
     gen.add_argument("--prompt", default="", help="text to continue (default: a newline)")
     gen.add_argument("--length", type=pos_int, default=500, help="characters to generate per sample (default 500)")
     gen.add_argument(

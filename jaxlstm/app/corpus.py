@@ -31,8 +31,10 @@ def embedded_bytes() -> bytes:
 def read_text_file(p: pathlib.Path) -> bytes:
     if not p.exists():
         raise RunError(f"text file not found: {p}. Give an existing UTF-8 text file with --text, or omit --text.")
-    if not p.is_file():
+    if p.is_dir():
         raise RunError(f"--text must be a file; {p} is a directory.")
+    if not p.is_file():
+        raise RunError(f"--text must be a regular file; {p} is a device, a pipe or a socket, which cannot be split.")
     try:
         return p.read_bytes()
     except OSError as e:

@@ -28,8 +28,9 @@ def has_run(out: pathlib.Path) -> bool:
     return read_json_config(out / "config.json") is not None
 
 
-def checkpoint_steps(out: pathlib.Path) -> list[int]:
-    d = out / "checkpoints"
+def checkpoint_steps(out: pathlib.Path, folder: str = "checkpoints") -> list[int]:
+    """The steps saved in ``out/folder`` (``checkpoints``, or ``best``)."""
+    d = out / folder
     return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
 
 

@@ -467,3 +467,50 @@ def test_a_bad_xla_flag_leaves_nothing_that_blocks_the_corrected_command(tmp_pat
     assert not out.exists()
     good = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert good.returncode == 0, good.stderr[-2000:]
+
+
+def test_text_that_is_not_a_regular_file_is_named_for_what_it_is(tmp_path, text, capsys):
+    """--text /dev/null and a FIFO used to be called "a directory"."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    for path in ("/dev/null", str(fifo)):
+        msg = one_line_error(capsys, "train", "--text", path, "--out", str(tmp_path / "r"), *SMALL)
+        assert "is a device, a pipe or a socket" in msg and "directory" not in msg
+    msg = one_line_error(capsys, "train", "--text", str(tmp_path), "--out", str(tmp_path / "r"), *SMALL)
+    assert "is a directory" in msg
+    assert not (tmp_path / "r").exists()
+
+
+def test_an_empty_out_is_refused(tmp_path, text, capsys, monkeypatch):
+    """--out '' used to train into the current folder without a word."""
+    monkeypatch.chdir(tmp_path)
+    msg = one_line_error(capsys, "train", "--text", str(text), "--out", "", *SMALL)
+    assert "--out is empty" in msg
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.txt"]
+
+
+def test_generate_reads_the_best_checkpoint_and_takes_out_as_the_run_folder(tmp_path, text, capsys):
+    out = tmp_path / "run"
+    assert cli("train", "--text", str(text), "--out", str(out), "--steps", "6", *SMALL) == 0
+    best = sorted(int(p.name) for p in (out / "best").iterdir() if p.name.isdigit())
+    assert len(best) == 1
+    capsys.readouterr()
+    assert cli("generate", "--out", str(out), "--best", "--length", "5", "--greedy") == 0
+    got = capsys.readouterr()
+    assert f"using the best checkpoint, from step {best[0]}" in got.err
+    # the same text as the model restored from best/ by hand
+    from jaxlstm.app import charlm
+
+    model, params, cfg = charlm.load(out, log=lambda m: None, best=True)
+    assert got.out.strip() == charlm.sample(model, params, cfg.vocab, "", 5, 0.0, 0)[0].strip()
+
+
+def test_without_a_terminal_train_writes_lines_not_bar_frames(tmp_path, text, capsys):
+    """Where stderr is not a terminal (a log file, a scheduler), the bar's frames piled up; now plain lines."""
+    args = [a for a in SMALL if a != "--no-progress"]
+    assert (
+        cli("train", "--text", str(text), "--out", str(tmp_path / "r"), "--steps", "6", "--log-every", "2", *args) == 0
+    )
+    got = capsys.readouterr()
+    assert "\r" not in got.err and "\r" not in got.out
+    assert "step 2/6: train" in got.out and "step 3: held-out" in got.out

@@ -215,6 +215,17 @@ def test_start_up_failures_are_one_line_and_leave_nothing(text, tmp_path):
         assert not out.exists() or not [n for n in out.iterdir() if n.name != ".jaxlstm.lock"]
 
 
+def test_two_processes_with_one_process_id_are_one_line_each(text, tmp_path):
+    out = tmp_path / "run"
+    port = free_port()
+    common = ["--coordinator", f"localhost:{port}", "--num-processes", "2", "--init-timeout", "8"]
+    procs = [Process(train(text, out, *common, "--process-id", str(i)), env=ENV) for i in (1, 1, 0)]
+    codes = finish(procs, timeout=120)
+    assert codes == [1, 1, 1], [p.output for p in procs]
+    lines = [one_line_error(p) for p in procs]
+    assert any("same --process-id" in line for line in lines), lines
+
+
 LIBRARY_SCRIPT = textwrap.dedent(
     """
     import json, sys

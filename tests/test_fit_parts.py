@@ -195,3 +195,34 @@ def test_an_error_from_eval_fn_without_checkpoints_hands_the_trained_state_back(
         np.asarray(jax.tree.leaves(result.state.params)[0]), np.asarray(jax.tree.leaves(fit(6).state.params)[0])
     )
     assert jnp.isfinite(result.history[-1]["loss"])
+
+
+@pytest.mark.slow  # real orbax checkpoints
+@pytest.mark.parametrize(
+    "template, words",
+    [
+        (
+            {"a": np.zeros((2, 3), jnp.bfloat16), "b": np.zeros((3, 2), np.float32)},
+            "a as float32; this model holds it as bfloat16",
+        ),
+        (
+            {"a": np.zeros((3, 2), np.float32), "b": np.zeros((2, 3), np.float32)},
+            r"a of shape \(2, 3\); this model's is \(3, 2\)",
+        ),
+        (
+            {"a": np.zeros((2, 3), np.float32), "renamed": np.zeros((3, 2), np.float32)},
+            "only there: b; only here: renamed",
+        ),
+    ],
+    ids=["narrower-dtype", "swapped-shapes", "renamed-key"],
+)
+def test_a_checkpoint_of_another_model_is_called_so_not_damaged(tmp_path, template, words):
+    """bfloat16 parameters, swapped shapes or a renamed key used to be reported as a damaged checkpoint."""
+    ck = training.Checkpointer(tmp_path, keep=2)
+    ck.save(1, {"a": np.ones((2, 3), np.float32), "b": np.ones((3, 2), np.float32)}, force=True)
+    with pytest.raises(training.CheckpointError, match=f"{words}.*written by another model"):
+        ck.restore(None, template)
+    # and the model it was written by restores it (float64 included: a wider dtype restores exactly)
+    step, tree = ck.restore(None, {"a": np.zeros((2, 3), np.float64), "b": np.zeros((3, 2), np.float32)})
+    ck.close()
+    assert step == 1 and np.all(np.asarray(tree["a"]) == 1)

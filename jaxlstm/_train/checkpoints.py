@@ -154,18 +154,26 @@ class Checkpointer:
         return self._manager.latest_step()
 
     def _check_shapes(self, step: int, template) -> None:
+        """The checkpoint holds the template's arrays, by name, shape and a dtype it restores into exactly."""
         meta = self._manager.item_metadata(step)["state"]
         meta = getattr(meta, "tree", meta)
-        saved = sorted(tuple(m.shape) for m in jax.tree.leaves(meta) if hasattr(m, "shape"))
-        wanted = sorted(tuple(np.shape(a)) for a in jax.tree.leaves(template))
+        saved = {_path(p): m for p, m in jax.tree_util.tree_leaves_with_path(meta) if hasattr(m, "shape")}
+        wanted = {_path(p): a for p, a in jax.tree_util.tree_leaves_with_path(template)}
         if not saved:
             raise _Corrupt("its metadata lists no arrays")
-        if saved != wanted:
-            diffs = [f"{a} vs {b}" for a, b in zip(saved, wanted) if a != b][:2]
+        if saved.keys() != wanted.keys():
+            there, here = sorted(saved.keys() - wanted.keys()), sorted(wanted.keys() - saved.keys())
             raise _Mismatch(
-                f"checkpoint {step} holds {len(saved)} arrays of other shapes than this model's {len(wanted)} "
-                f"(saved vs expected: {', '.join(diffs) or 'a different number of arrays'})"
+                f"checkpoint {step} holds other arrays than this model's (only there: {', '.join(there[:3]) or '-'}; "
+                f"only here: {', '.join(here[:3]) or '-'})"
             )
+        for name, m in saved.items():
+            shape, dtype = tuple(np.shape(wanted[name])), np.dtype(jnp.result_type(wanted[name]))
+            if tuple(m.shape) != shape:
+                raise _Mismatch(f"checkpoint {step} holds {name} of shape {tuple(m.shape)}; this model's is {shape}")
+            old = np.dtype(m.dtype) if getattr(m, "dtype", None) is not None else dtype
+            if _kind(old) != _kind(dtype) or old.itemsize > dtype.itemsize:  # it would not restore exactly
+                raise _Mismatch(f"checkpoint {step} holds {name} as {old}; this model holds it as {dtype}")
 
     def _restore_one(self, step: int, template):
         try:
@@ -261,6 +269,27 @@ class _Corrupt(Exception):
 
 class _Mismatch(Exception):
     pass
+
+
+def _kind(dtype: np.dtype) -> str:
+    """float (bfloat16 included), signed or unsigned integer, bool, or other."""
+    for kind, base in (("float", jnp.floating), ("int", jnp.signedinteger), ("uint", jnp.unsignedinteger)):
+        if jnp.issubdtype(dtype, base):
+            return kind
+    return dtype.kind
+
+
+def _path(path) -> str:
+    """A key path as ``a/b/0/c``, the same for a template (attributes, indices) and orbax's metadata (dict keys)."""
+    parts = []
+    for k in path:
+        for field in ("key", "idx", "name"):
+            if hasattr(k, field):
+                parts.append(str(getattr(k, field)))
+                break
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
 
 
 def _abstract(a: Any) -> jax.ShapeDtypeStruct:

@@ -172,7 +172,10 @@ class Checkpointer:
             if tuple(m.shape) != shape:
                 raise _Mismatch(f"checkpoint {step} holds {name} of shape {tuple(m.shape)}; this model's is {shape}")
             old = np.dtype(m.dtype) if getattr(m, "dtype", None) is not None else dtype
-            if _kind(old) != _kind(dtype) or old.itemsize > dtype.itemsize:  # it would not restore exactly
+            # a float restored into a narrower float loses digits (its digest then fails: "damaged"); an
+            # integer into a narrower one is checked by the digest, which widens integers (the step counter
+            # of a run saved with 64-bit integers enabled restores into 32 bits)
+            if _kind(old) != _kind(dtype) or (_kind(old) == "float" and old.itemsize > dtype.itemsize):
                 raise _Mismatch(f"checkpoint {step} holds {name} as {old}; this model holds it as {dtype}")
 
     def _restore_one(self, step: int, template):

@@ -186,6 +186,10 @@ def state_to_hc(state: LSTMState) -> tuple:
 
 def state_from_hc(hc) -> LSTMState:
     """``(hidden, cell)`` -> :class:`jaxlstm.LSTMState` ``(cell, hidden)``."""
+    if not (isinstance(hc, (tuple, list)) and len(hc) == 2):
+        raise ValueError(
+            f"state_from_hc expects the pair (hidden, cell) that torch.nn.LSTM returns; received {_describe(hc)}."
+        )
     h, c = hc
     return LSTMState(jnp.asarray(c), jnp.asarray(h))
 
@@ -206,6 +210,8 @@ def _torch():
 def _state_dict(src) -> dict:
     if hasattr(src, "state_dict"):
         src = src.state_dict()
+    if not isinstance(src, Mapping):
+        raise TypeError(f"expected a torch.nn.LSTM (or LSTMCell) or its state_dict(); received {_describe(src)}.")
     return {k: np.asarray(v.detach().cpu().numpy()) if hasattr(v, "detach") else np.asarray(v) for k, v in src.items()}
 
 

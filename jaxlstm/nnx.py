@@ -21,6 +21,14 @@ from ._init import layer_initializers, param_shapes
 from ._types import BidirectionalParams, Initializer, LSTMParams, LSTMState
 
 
+def _check_rngs(rngs: Any, where: str) -> None:
+    if not isinstance(rngs, nnx.Rngs):
+        raise TypeError(
+            f"{where} needs rngs=nnx.Rngs(...) to initialise its weights (e.g. rngs=nnx.Rngs(0)); received "
+            f"{type(rngs).__name__}."
+        )
+
+
 class LSTMCell(nnx.RNNCellBase):
     """One LSTM step as an NNX cell: ``__call__(carry, x) -> (carry, y)``.
 
@@ -73,6 +81,7 @@ class LSTMCell(nnx.RNNCellBase):
         proj_size: int | None = None,
         rngs: nnx.Rngs,
     ):
+        _check_rngs(rngs, "jaxlstm.nnx.LSTMCell")
         self.in_features = in_features
         self.hidden_size = hidden_size
         self.proj_size = proj_size
@@ -207,6 +216,7 @@ class LSTM(nnx.Module):
         impl: str = "auto",
         rngs: nnx.Rngs,
     ):
+        _check_rngs(rngs, "jaxlstm.nnx.LSTM")
         sizes = common.layer_input_sizes(in_features, hidden_size, num_layers, bidirectional, merge, proj_size)
         check_rate(dropout_rate, "dropout_rate")
         check_rate(recurrent_dropout_rate, "recurrent_dropout_rate")
@@ -369,6 +379,7 @@ class SequenceClassifier(nnx.Module):
         dropout_rate: float = 0.0,
         rngs: nnx.Rngs,
     ):
+        _check_rngs(rngs, "jaxlstm.nnx.SequenceClassifier")
         self.bidirectional = bidirectional
         self.embed = nnx.Embed(vocab_size, embed_dim, rngs=rngs)
         self.lstm = LSTM(
@@ -425,6 +436,7 @@ class CharLM(nnx.Module):
         backward: str | None = None,
         rngs: nnx.Rngs,
     ):
+        _check_rngs(rngs, "jaxlstm.nnx.CharLM")
         self.embed = nnx.Embed(vocab_size, embed_dim, rngs=rngs)
         self.lstm = LSTM(
             embed_dim,

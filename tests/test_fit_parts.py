@@ -226,3 +226,9 @@ def test_a_checkpoint_of_another_model_is_called_so_not_damaged(tmp_path, templa
     step, tree = ck.restore(None, {"a": np.zeros((2, 3), np.float64), "b": np.zeros((3, 2), np.float32)})
     ck.close()
     assert step == 1 and np.all(np.asarray(tree["a"]) == 1)
+
+
+def test_a_class_as_batch_fn_is_named():
+    """fit(batch_fn=dict) used to fail inside the loop with a KeyError or a TypeError about ints."""
+    with pytest.raises(TypeError, match="received the class dict itself"):
+        fit(batch_fn=dict)

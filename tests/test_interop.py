@@ -377,3 +377,15 @@ def test_keras_bidirectional_parity_and_round_trip(merge_mode, peer_promotion):
     layer.set_weights(interop.to_keras_bidirectional(mine))
     assert_bitwise(interop.from_keras_bidirectional(layer), mine)
     assert_bitwise(interop.from_keras_bidirectional(interop.to_keras_bidirectional(mine)), mine)
+
+
+def test_torch_converters_name_what_they_received():
+    """from_torch_lstm(None) was an AttributeError about 'items'; state_from_hc((x,)) an unpacking error."""
+    with pytest.raises(
+        TypeError, match=r"expected a torch.nn.LSTM \(or LSTMCell\) or its state_dict\(\); received None"
+    ):
+        interop.from_torch_lstm(None)
+    with pytest.raises(ValueError, match=r"state_from_hc expects the pair \(hidden, cell\).*1 items"):
+        interop.state_from_hc((jnp.ones((1, 2, 3)),))
+    s = interop.state_from_hc((jnp.ones((2, 3)), jnp.zeros((2, 3))))
+    assert float(s.cell.sum()) == 0.0 and float(s.hidden.sum()) == 6.0

@@ -126,3 +126,13 @@ def test_nnx_per_call_reverse_and_time_major_as_linen():
     np.testing.assert_allclose(ys_rev, ref_rev, rtol=1e-6)
     ys_tm = model(jnp.swapaxes(xs, 0, 1), time_major=True)
     np.testing.assert_allclose(jnp.swapaxes(ys_tm, 0, 1), model(xs), rtol=1e-6)
+
+
+@pytest.mark.parametrize("make", ["LSTMCell", "LSTM", "CharLM"])
+def test_modules_without_rngs_say_what_they_need(make):
+    """nnx.LSTM(rngs=None) was an AttributeError about 'params'."""
+    from jaxlstm import nnx as jn
+
+    args = {"LSTMCell": (3, 4), "LSTM": (3, 4), "CharLM": (10, 4, 8)}[make]
+    with pytest.raises(TypeError, match=rf"jaxlstm.nnx.{make} needs rngs=nnx.Rngs\(...\).*received NoneType"):
+        getattr(jn, make)(*args, rngs=None)

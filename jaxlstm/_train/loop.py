@@ -200,6 +200,11 @@ def fit(
     intact (one process), and carries :class:`FitResult` as its
     ``fit_result`` attribute, so the trained state is never lost with it.
     """
+    if isinstance(batch_fn, type):
+        raise TypeError(
+            f"batch_fn must be a function batch_fn(step) -> batch, or a data source with len() and indexing; "
+            f"received the class {batch_fn.__name__} itself (pass an instance, or a function of the step)."
+        )
     if not callable(batch_fn):
         batch_fn = batches_from(batch_fn)
     check_patience(patience)

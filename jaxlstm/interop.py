@@ -431,6 +431,11 @@ def from_keras(src, *, go_backwards_ok: bool = False) -> LSTMParams:
 
 
 def _from_keras(src, *, backwards_ok: bool) -> LSTMParams:
+    if hasattr(src, "get_weights") and getattr(src, "built", True) is False:
+        raise ValueError(
+            "from_keras: this Keras LSTM is not built yet, so it has no weights: call it on an input (or "
+            "layer.build((batch, time, features))) first."
+        )
     if hasattr(src, "get_weights"):
         cfg = src.get_config() if hasattr(src, "get_config") else {}
         if cfg.get("activation", "tanh") != "tanh" or cfg.get("recurrent_activation", "sigmoid") != "sigmoid":
@@ -484,6 +489,11 @@ def from_keras_bidirectional(src) -> BidirectionalParams:
     if hasattr(src, "forward_layer") and hasattr(src, "backward_layer"):
         # Keras' backward layer has go_backwards=True, and Bidirectional puts its outputs back in time order
         return BidirectionalParams(from_keras(src.forward_layer), _from_keras(src.backward_layer, backwards_ok=True))
+    if hasattr(src, "get_weights"):
+        raise TypeError(
+            f"from_keras_bidirectional expects a keras.layers.Bidirectional (or its weight list); received a "
+            f"{type(src).__name__} layer. For a single keras.layers.LSTM use from_keras."
+        )
     weights = list(src)
     if len(weights) not in (4, 6):
         raise ValueError(

@@ -389,3 +389,15 @@ def test_torch_converters_name_what_they_received():
         interop.state_from_hc((jnp.ones((1, 2, 3)),))
     s = interop.state_from_hc((jnp.ones((2, 3)), jnp.zeros((2, 3))))
     assert float(s.cell.sum()) == 0.0 and float(s.hidden.sum()) == 6.0
+
+
+@pytest.mark.slow  # runs a peer: the slow tier (CI)
+def test_keras_converters_refuse_an_unbuilt_or_a_plain_layer_in_words(peer_promotion):
+    keras = pytest.importorskip("keras", reason="Keras not installed")
+    with pytest.raises(ValueError, match="not built yet"):
+        interop.from_keras(keras.layers.LSTM(4))
+    layer = keras.layers.LSTM(4)
+    layer.build((None, 5, 3))
+    with pytest.raises(TypeError, match="expects a keras.layers.Bidirectional.*received a LSTM layer.*from_keras"):
+        interop.from_keras_bidirectional(layer)
+    assert interop.from_keras(layer).hidden_size == 4

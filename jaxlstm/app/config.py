@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import pathlib
@@ -158,8 +159,19 @@ def check_config(cfg: Config, source: str) -> Config:
     return cfg
 
 
+#: What a run's checkpoints depend on: the fields ``--resume`` may not change, the vocabulary and the text.
+TRAINED_WITH = IDENTITY + ("vocab", "text_sha256")
+
+
+def identity_digest(cfg: Config) -> str:
+    """SHA-256 of :data:`TRAINED_WITH`: ``config.json`` carries it, so a hand edit of those fields is caught."""
+    values = {k: getattr(cfg, k) for k in TRAINED_WITH}
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
+
+
 def config_text(cfg: Config) -> str:
-    return json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, **dataclasses.asdict(cfg)}, indent=1)
+    body = {"format": FORMAT, "format_version": FORMAT_VERSION, **dataclasses.asdict(cfg)}
+    return json.dumps({**body, "identity_sha256": identity_digest(cfg)}, indent=1)
 
 
 def read_json_config(path: pathlib.Path) -> dict | None:
@@ -193,7 +205,7 @@ def read_config(run_dir: pathlib.Path) -> Config:
     version = data.get("format_version")
     if version not in (1, 2, FORMAT_VERSION):
         raise RunError(f"{path} has format version {version!r}; this jaxlstm reads 1 to {FORMAT_VERSION}.")
-    fields = {k: v for k, v in data.items() if k not in ("format", "format_version")}
+    fields = {k: v for k, v in data.items() if k not in ("format", "format_version", "identity_sha256")}
     # a run from before these options: they keep the values it was trained with
     if version == 1:
         fields = {**ADDED_IN_2, **fields}
@@ -204,7 +216,15 @@ def read_config(run_dir: pathlib.Path) -> Config:
     if unknown or missing:
         what = "; ".join(x for x in (unknown and f"unknown keys {unknown}", missing and f"missing keys {missing}") if x)
         raise RunError(f"{path} was edited and no longer describes a run ({what}).")
-    return check_config(Config(**fields), f"{path} (edited?)")
+    cfg = check_config(Config(**fields), f"{path} (edited?)")
+    stored = data.get("identity_sha256")  # absent in runs written before it was stored
+    if stored is not None and stored != identity_digest(cfg):
+        raise RunError(
+            f"{path} was edited: one of the fields its checkpoints were trained with ({', '.join(TRAINED_WITH)}) "
+            "no longer holds the run's value. Restore the file (only eval_every, save_every, log_every, patience "
+            "and steps may change, through the command line), or start a new run with another --out."
+        )
+    return cfg
 
 
 def new_config(options: dict) -> Config:

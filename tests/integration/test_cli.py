@@ -270,7 +270,9 @@ def test_edited_config_and_damaged_files(tmp_path, text, capsys):
         (lambda c: c.update(hidden_size="big"), "hidden_size must be a positive integer"),
         (lambda c: c.update(colour="red"), "unknown keys \\['colour'\\]"),
         (lambda c: c.pop("seq_len"), "missing keys \\['seq_len'\\]"),
-        (lambda c: c.update(hidden_size=12), "written by another model"),
+        (lambda c: c.update(hidden_size=12), "config.json was edited: one of the fields its checkpoints"),
+        # a run from before config.json carried its digest: the checkpoints' shapes still tell
+        (lambda c: (c.update(hidden_size=12), c.pop("identity_sha256")), "written by another model"),
     ):
         cfg = json.loads(good)
         edit(cfg)
@@ -438,7 +440,7 @@ def test_runs_of_earlier_format_versions_still_resume(tmp_path, text, capsys, ve
     assert cli("train", "--steps", "3", "--text", str(text), "--out", str(out), *SMALL) == 0
     config = json.loads((out / "config.json").read_text())
     added = {1: ["dropout_rate", "recurrent_dropout_rate", "weight_decay", "warmup_steps", "log_every", "patience"]}
-    for key in added.get(version, []) + ["streams", "input_dropout_rate"]:
+    for key in added.get(version, []) + ["streams", "input_dropout_rate", "identity_sha256"]:
         del config[key]
     config["format_version"] = version
     (out / "config.json").write_text(json.dumps(config))
@@ -534,3 +536,18 @@ def test_every_checkpoint_damaged_is_a_few_lines_not_a_traceback_wall(tmp_path, 
         lines = [x for x in run.stderr.splitlines() if x.strip()]
         assert len(lines) <= 3 and "Traceback" not in run.stderr, run.stderr[-3000:]
         assert "no intact checkpoint" in lines[-1]
+
+
+@pytest.mark.parametrize("field, value", [("vocab", None), ("embed_dim", 16)], ids=["vocab", "embed_dim"])
+def test_a_hand_edited_field_the_checkpoints_were_trained_with_is_named(tmp_path, text, capsys, field, value):
+    """An edited vocab was used silently (greedy output changed); an edited embed_dim made --resume call the
+    run's own checkpoint "written by another model" and advise --overwrite."""
+    out = tmp_path / "run"
+    assert cli("train", "--text", str(text), "--out", str(out), "--steps", "3", *SMALL) == 0
+    data = json.loads((out / "config.json").read_text())
+    data[field] = data["vocab"][::-1] if field == "vocab" else value  # the same characters, other ids
+    (out / "config.json").write_text(json.dumps(data))
+    capsys.readouterr()
+    for args in (["generate", "--checkpoint", str(out), "--length", "5"], ["train", "--out", str(out), "--resume"]):
+        msg = one_line_error(capsys, *args)
+        assert "was edited" in msg and "another model" not in msg and "--overwrite" not in msg, msg

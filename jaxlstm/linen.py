@@ -90,11 +90,16 @@ class LSTMCell(nn.RNNCellBase):
         return common.cell_step(_declare(self, x.shape[-1]), carry, x, self.dtype, self.param_dtype)
 
     @nn.nowrap
-    def initialize_carry(self, rng: jax.Array, input_shape: tuple[int, ...]) -> LSTMState:
-        """Zeros: the cell ``input_shape[:-1] + (H,)``, the hidden state ``(.., P)`` with a projection
-        (``rng`` is unused)."""
+    def initialize_carry(self, rng: jax.Array, input_shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+        """Zeros ``(c, h)``: the cell ``input_shape[:-1] + (H,)``, the hidden state ``(.., P)`` with a
+        projection (``rng`` is unused).
+
+        A plain tuple, as Flax's own cells give, so a subclass that unpacks
+        the carry and calls this cell with ``(c, h)`` scans in ``nn.RNN``.
+        """
         del rng
-        return common.zero_carry(input_shape[:-1], self.hidden_size, self.proj_size, self.param_dtype)
+        c, h = common.zero_carry(input_shape[:-1], self.hidden_size, self.proj_size, self.param_dtype)
+        return c, h
 
     @property
     def num_feature_axes(self) -> int:

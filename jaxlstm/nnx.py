@@ -127,9 +127,14 @@ class LSTMCell(nnx.RNNCellBase):
     def __call__(self, carry: LSTMState, x: jax.Array) -> tuple[LSTMState, jax.Array]:
         return common.cell_step(self.params, carry, x, self.dtype, self.param_dtype)
 
-    def initialize_carry(self, input_shape: tuple[int, ...], rngs: Any = None, carry_init: Any = None) -> LSTMState:
-        """The initial carry for inputs of ``input_shape``: ``input_shape[:-1] + (H,)`` (``P`` for the hidden
-        state with a projection).
+    def initialize_carry(
+        self, input_shape: tuple[int, ...], rngs: Any = None, carry_init: Any = None
+    ) -> tuple[jax.Array, jax.Array]:
+        """The initial carry ``(c, h)`` for inputs of ``input_shape``: ``input_shape[:-1] + (H,)`` (``P`` for
+        the hidden state with a projection).
+
+        A plain tuple, as Flax's own cells give, so a subclass that unpacks
+        the carry and calls this cell with ``(c, h)`` scans in ``nnx.RNN``.
 
         Zeros by default. With ``carry_init`` (an initializer ``init(key, shape,
         dtype)``, as in Flax's cells) both fields are drawn from it with keys
@@ -137,12 +142,13 @@ class LSTMCell(nnx.RNNCellBase):
         """
         batch = tuple(input_shape[:-1])
         if carry_init is None:
-            return common.zero_carry(batch, self.hidden_size, self.proj_size, self.param_dtype)
+            c, h = common.zero_carry(batch, self.hidden_size, self.proj_size, self.param_dtype)
+            return c, h
         if rngs is None:
             raise ValueError("initialize_carry: carry_init needs rngs (an nnx.Rngs) to draw the carry from.")
         stream = rngs.carry if "carry" in rngs else rngs.default
         cell = carry_init(stream(), batch + (self.hidden_size,), self.param_dtype)
-        return LSTMState(cell, carry_init(stream(), batch + (self.proj_size or self.hidden_size,), self.param_dtype))
+        return cell, carry_init(stream(), batch + (self.proj_size or self.hidden_size,), self.param_dtype)
 
     @property
     def num_feature_axes(self) -> int:

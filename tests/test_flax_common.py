@@ -176,7 +176,7 @@ def test_flax_rnn_drives_a_half_precision_cell(api, peer_promotion):
     else:
         cell = make_cell(api, jnp.bfloat16)[0]
         carry = cell.initialize_carry(xs[:, 0].shape)
-        assert carry.cell.dtype == jnp.float32
+        assert type(carry) is tuple and carry[0].dtype == carry[1].dtype == jnp.float32
         (c, h), y = cell(carry, xs[:, 0])
         assert c.dtype == h.dtype == jnp.float32 and y.dtype == jnp.bfloat16
         ys = nnx.RNN(cell)(xs)
@@ -361,3 +361,43 @@ def test_char_lm_input_dropout_drops_embedded_characters_only_in_training():
     nplain = jn.CharLM(20, 16, 12, rngs=nnx.Rngs(0))  # the same parameters: input dropout draws none
     np.testing.assert_array_equal(nlm(tokens, deterministic=True), nplain(tokens))
     assert not np.allclose(nlm(tokens, deterministic=False), nplain(tokens))
+
+
+@pytest.mark.parametrize("api", ["linen", "nnx"])
+def test_a_cell_subclass_that_repacks_the_carry_runs_in_flax_rnn(api):
+    """Flax's recurrent-dropout pattern: a subclass unpacks the carry, changes ``h`` and calls the cell
+    with a plain ``(c, h)``. Inside ``nn.RNN``/``nnx.RNN`` the carry from ``initialize_carry`` must
+    have that structure too, as Flax's own cells' has, or the scan refuses the step."""
+    xs = inputs()
+    scale = 0.5  # a stand-in for a recurrent dropout mask: deterministic, so a reference exists
+
+    if api == "linen":
+        import flax.linen as nn
+
+        class Scaled(jl.LSTMCell):
+            @nn.compact
+            def __call__(self, carry, x):
+                c, h = carry
+                return super().__call__((c, h * scale), x)
+
+        rnn = nn.RNN(Scaled(H, param_dtype=jnp.float64))
+        variables = rnn.init(jax.random.key(0), xs)
+        ys = rnn.apply(variables, xs)
+        params = jl.LSTMCell.to_params(variables["params"]["cell"])
+    else:
+
+        class Scaled(jn.LSTMCell):
+            def __call__(self, carry, x):
+                c, h = carry
+                return super().__call__((c, h * scale), x)
+
+        cell = Scaled(I, H, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+        ys = nnx.RNN(cell)(xs)
+        params = cell.params
+    # the reference: the step written out with the scaled hidden state
+    carry = jaxlstm.LSTMState(jnp.zeros((B, H)), jnp.zeros((B, H)))
+    ref = []
+    for t in range(T):
+        carry, y = jaxlstm.lstm_step(params, jaxlstm.LSTMState(carry.cell, carry.hidden * scale), xs[:, t])
+        ref.append(y)
+    np.testing.assert_allclose(ys, jnp.stack(ref, 1), rtol=1e-12, atol=1e-12)

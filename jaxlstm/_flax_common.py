@@ -16,12 +16,19 @@ from ._types import Array, BidirectionalState, LSTMParams, LSTMState
 
 def merged_size(merge: Any, hidden_size: int) -> int:
     """Features after merging the two directions of a bidirectional layer that another layer follows."""
-    spec = jax.ShapeDtypeStruct((1, hidden_size), jnp.float32)
+    lead = (2, 3)  # a batch and a time axis of distinct sizes: a merge that drops either is seen
+    spec = jax.ShapeDtypeStruct(lead + (hidden_size,), jnp.float32)
     merged = jax.eval_shape(merge_fn(merge), spec, spec)
     if not isinstance(merged, jax.ShapeDtypeStruct):
         raise ValueError(
             f"merge={merge!r} gives {describe(merged)} rather than one array, so no layer can follow it: use it "
             "with num_layers=1, or merge into one array (e.g. merge='concat')."
+        )
+    if merged.shape[:-1] != lead:
+        raise ValueError(
+            f"merge={merge!r} gives an array of shape {merged.shape} for two directions of shape {spec.shape}, "
+            "but the next layer needs one row of features per step (B, T, F): keep the batch and time axes "
+            "(merge along the last axis), or use such a merge with num_layers=1."
         )
     return int(merged.shape[-1])
 

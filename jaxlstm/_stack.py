@@ -320,6 +320,7 @@ def lstm_stack(
         if not isinstance(layer, (BidirectionalParams, LSTMParams)):
             raise TypeError(f"lstm_stack: layer {n} is {describe(layer)}; expected LSTMParams or BidirectionalParams.")
         k_out, k_fwd, k_bwd = jax.random.split(key, 3) if key is not None else (None, None, None)
+        lead = jnp.shape(ys)[:-1]
         with _naming(f"lstm_stack: layer {n}: "):
             ys, final = _stack_layer(
                 layer, ys, state, k_fwd, k_bwd, batch, merge, reverse, use_recurrent, recurrent_dropout_rate, kw
@@ -330,10 +331,20 @@ def lstm_stack(
                 "as its input. Merge the directions into one array (e.g. merge='concat') when a layer follows, "
                 "or run the last bidirectional layer with jaxlstm.bidirectional to get its directions apart."
             )
+        if n < len(layers) - 1 and ys.shape[:-1] != lead:
+            raise ValueError(
+                f"lstm_stack: layer {n}: the merge gave an array of shape {ys.shape}, but layer {n + 1} needs one "
+                f"row of features per step, {_shape_text(lead)}: keep the batch and time axes (merge along the "
+                "last axis), or run the reducing merge on the last layer only."
+            )
         if use_dropout and k_out is not None and n < len(layers) - 1:
             ys = ys * dropout_mask(k_out, dropout_rate, ys.shape, ys.dtype)
         finals.append(final)
     return ys, tuple(finals)
+
+
+def _shape_text(lead: tuple) -> str:
+    return "(" + ", ".join(str(d) for d in lead) + ", F)"
 
 
 def _stack_layer(

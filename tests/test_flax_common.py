@@ -282,6 +282,18 @@ def test_modules_with_merge_none(api):
     assert f.shape == b.shape == (2, 5, 4)
 
 
+@pytest.mark.parametrize("api", ["linen", "nnx"])
+def test_modules_refuse_a_merge_that_drops_batch_or_time_before_a_layer(api):
+    xs = jax.random.normal(jax.random.key(1), (2, 5, 3), jnp.float64)
+    scalar = lambda f, b: jnp.sum(f + b)
+    message = r"merge=.* gives an array of shape \(\) .* one row of features per step"
+    with pytest.raises(ValueError, match=message):
+        if api == "linen":
+            jl.LSTM(4, num_layers=2, bidirectional=True, merge=scalar).init(jax.random.key(0), xs)
+        else:
+            jn.LSTM(3, 4, num_layers=2, bidirectional=True, merge=scalar, rngs=nnx.Rngs(0))
+
+
 @pytest.mark.slow  # trains or runs a peer: the slow tier (CI)
 @pytest.mark.parametrize("api", ["linen", "nnx"])
 @pytest.mark.parametrize("bidirectional", [False, True])

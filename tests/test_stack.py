@@ -152,3 +152,19 @@ def test_merge_none_returns_both_directions_and_a_merge_may_return_a_pytree():
     np.testing.assert_array_equal(ys[1], yb)
     with pytest.raises(ValueError, match=r"layer 0: merge=None gave a tuple of 2 items, but layer 1 needs one array"):
         jaxlstm.lstm_stack(layers, xs, merge=None)
+
+
+@pytest.mark.parametrize(
+    "merge, received",
+    [(lambda f, b: jnp.sum(f + b), r"\(\)"), (lambda f, b: (f + b).mean(1), r"\(2, 4\)")],
+    ids=["scalar", "over-time"],
+)
+def test_a_merge_that_drops_batch_or_time_cannot_feed_another_layer(merge, received):
+    """One array, but not one row of features per step: the next layer would get a wrong input."""
+    layers = jaxlstm.init_stack(jax.random.key(0), 3, 4, num_layers=2, bidirectional=True, dtype=jnp.float64)
+    xs = jax.random.normal(jax.random.key(1), (2, 5, 3), jnp.float64)
+    with pytest.raises(ValueError, match=r"layer 0: the merge gave an array of shape " + received + r".*\(2, 5, F\)"):
+        jaxlstm.lstm_stack(layers, xs, merge=merge)
+    # the last layer may reduce as it likes
+    out, _ = jaxlstm.lstm_stack(layers[:1], xs, merge=merge)
+    assert out.shape == jax.eval_shape(merge, xs[..., :1].repeat(4, -1), xs[..., :1].repeat(4, -1)).shape

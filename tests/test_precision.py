@@ -1,5 +1,7 @@
 """The mixed-precision policy: half-precision compute, float32 state and sums (jaxlstm/_precision.py)."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -80,3 +82,39 @@ def test_half_precision_state_dtype_and_its_check():
     # float32 and float64 keep their own dtype for everything
     p64 = jaxlstm.init_params(jax.random.key(0), 3, 4, dtype=jnp.float64)
     assert jaxlstm.lstm(p64, jnp.ones((2, 5, 3)))[1].cell.dtype == jnp.float64
+
+
+_DOT = re.compile(r"stablehlo\.dot_general .*: \((tensor<[^)]*>), (tensor<[^)]*>)\) -> tensor<([^>]*)>")
+
+
+def _dot_types(fn, *args) -> list[tuple[str, str, str]]:
+    """(lhs element type, rhs element type, result element type) of every dot in ``fn``'s program."""
+    text = jax.jit(fn).lower(*args).as_text()
+    found = []
+    for lhs, rhs, out in _DOT.findall(text):
+        found.append((lhs.rsplit("x", 1)[-1].rstrip(">"), rhs.rsplit("x", 1)[-1].rstrip(">"), out.rsplit("x", 1)[-1]))
+    return found
+
+
+@pytest.mark.parametrize("seed_cell", [True, False], ids=["output_map", "classic"])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_half_precision_matmuls_accumulate_in_float32(seed_cell, dtype):
+    """Every dot with half-precision operands yields float32 (``preferred_element_type``), forward and
+    backward: a product rounded to the half dtype and then widened would show as a half-precision result."""
+    with jax.enable_x64(False):
+        p = jaxlstm.init_params(jax.random.key(0), 3, 8, output_transform=seed_cell, dtype=dtype)
+        xs = jnp.ones((2, 5, 3), dtype)
+
+        def loss(p, x):
+            return jnp.sum(jaxlstm.lstm(p, x)[0].astype(jnp.float32) ** 2)
+
+        for fn in (
+            lambda p, x: jaxlstm.lstm(p, x),
+            jax.grad(loss),
+            lambda p, x: jaxlstm.lstm_step(p, jaxlstm.zero_state(p, (2,)), x[:, 0]),
+        ):
+            types = _dot_types(fn, p, xs)
+            short = {"bfloat16": "bf16", "float16": "f16"}[jnp.dtype(dtype).name]
+            half = [t for t in types if short in (t[0], t[1])]
+            assert half, types  # the program multiplies in the half dtype at all
+            assert all(out == "f32" for _, _, out in half), half

@@ -290,6 +290,36 @@ def _damage(step_dir: pathlib.Path):
         f.write_bytes(bytes(data))
 
 
+def test_a_checkpoint_whose_values_changed_but_still_read_is_refused_by_its_digest(tmp_path):
+    """Damage orbax cannot see: the arrays of step 2 replaced by other values of the same names, shapes
+    and dtypes (a well-formed checkpoint written elsewhere), its metadata and digest left as they were.
+    Only the comparison of the digest with the values read back can refuse it."""
+    tree = {"w": jnp.arange(1000.0), "n": jnp.int32(3)}
+    ck = training.Checkpointer(tmp_path / "run", keep=5)
+    for s in (1, 2):
+        ck.save(s, jax.tree.map(lambda a: a + s, tree), force=True)
+    ck.close()
+    other = training.Checkpointer(tmp_path / "other", keep=5)
+    changed = {"w": tree["w"].at[500].add(0.25) + 2, "n": tree["n"] + 2}  # one value of step 2 differs
+    other.save(2, changed, force=True)
+    other.close()
+    shutil.rmtree(tmp_path / "run" / "2" / "state")
+    shutil.copytree(tmp_path / "other" / "2" / "state", tmp_path / "run" / "2" / "state")
+    ck = training.Checkpointer(tmp_path / "run", keep=5, read_only=True)
+    # the changed arrays do read: orbax alone would restore them
+    raw = ck._manager.restore(2, args=ck._ocp.args.Composite(state=ck._ocp.args.StandardRestore(tree)))
+    assert float(raw["state"]["w"][500]) == 502.25
+    notes = []
+    step, got = ck.restore(None, tree, on_fallback=notes.append)
+    assert step == 1 and float(got["w"][500]) == 501.0
+    assert notes == [
+        "checkpoint 2 is damaged (its data does not match the checksum written with it); trying an earlier one"
+    ]
+    with pytest.raises(training.CheckpointError, match="checkpoint 2 is damaged: its data does not match the checksum"):
+        ck.restore(2, tree)
+    ck.close()
+
+
 # orbax leaves coroutines behind when the read of a damaged checkpoint fails ("Event loop is closed"
 # when they are collected); the checkpoint is reported and skipped all the same
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")

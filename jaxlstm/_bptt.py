@@ -183,8 +183,8 @@ def backward_scan(
     index = jnp.arange(last + 1, dtype=jnp.int32)
     if reverse:
         first, row_next = 0, jnp.minimum(index + 1, last)
-    else:
-        first, row_next = last, jnp.maximum(index - 1, 0)
+    else:  # -1, not ``last``: a static index also when T is a symbolic size (jax.export)
+        first, row_next = -1, jnp.maximum(index - 1, 0)
     u0 = res.u[first] if res.u is not None else None
     da0 = None if w_hr_t is None else jnp.zeros(res.cells.shape[:-1] + (params.output_size,), acc)
     da0 = _vma.vary(da0, _vma.axes(res.cells))  # inside shard_map: varying as the values written into it

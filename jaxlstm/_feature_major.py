@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from ._cell import gate_activations, hold, masked
 from ._precision import HALF
-from ._types import Array, LSTMParams, LSTMState
+from ._types import Array, LSTMParams, LSTMState, static
 
 #: Per platform: the feature-major scan is used from this hidden size up (``None``: never).
 MIN_HIDDEN: dict[str, int | None] = {"cpu": 256}
@@ -40,6 +40,7 @@ def applies(params: LSTMParams, xs: Array) -> bool:
     return (
         threshold is not None
         and xs.ndim == 3
+        and static(xs.shape[1])  # a symbolic batch: the row-major scan, which serves every size
         and xs.shape[1] >= MIN_BATCH
         and params.hidden_size >= threshold
         and params.w_hr is None

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from . import _feature_major
 from ._cell import hold, step, valid_at
-from ._types import Array, LSTMParams, LSTMState
+from ._types import Array, LSTMParams, LSTMState, static
 
 #: Per platform: above this many ``[a, x]`` entries per step (``B * (H + I)``) the per-step
 #: concatenation costs more than the second matmul launch it saves. Measured on the CPU with
@@ -34,6 +34,8 @@ def stacked_weight(params: LSTMParams, xs: Array) -> Array | None:
     ones at small and medium sizes (fewer kernels per step); for large
     ``B * (H + I)`` the per-step concatenation costs more, and two matmuls are used.
     """
+    if not static(*xs.shape[1:-1]):  # a symbolic batch: one matmul, the choice at small sizes (serving)
+        return jnp.concatenate([params.w_h, params.w_x], axis=0)
     batch = math.prod(xs.shape[1:-1])
     limit = STACKED_MAX_ELEMENTS.get(jax.default_backend(), _DEFAULT_STACKED_MAX)
     if batch * (params.output_size + params.input_size) > limit:

@@ -186,3 +186,26 @@ class BidirectionalState(NamedTuple):
 Layer = LSTMParams | BidirectionalParams
 #: The state of one layer of a stack.
 LayerState = LSTMState | BidirectionalState
+
+
+def static(*dims: Any) -> bool:
+    """Whether every size is a known integer (not a symbolic dimension of ``jax.export``).
+
+    A choice made by size (a layout, a threshold) takes the path that serves
+    every size when a size is symbolic: such a program runs at any size.
+    """
+    return all(isinstance(d, int) for d in dims)
+
+
+def _register_for_export() -> None:
+    """Let ``jax.export`` serialise programs that take or return these types (each once per process)."""
+    from jax import export
+
+    for cls in (LSTMParams, LSTMState, BidirectionalParams, BidirectionalState):
+        try:
+            export.register_namedtuple_serialization(cls, serialized_name=f"jaxlstm.{cls.__name__}")
+        except ValueError:  # already registered (a module reloaded)
+            pass
+
+
+_register_for_export()

@@ -16,9 +16,11 @@ from ._init import init_params as init_params
 from ._init import params_from_gates as params_from_gates
 from ._init import zero_state as zero_state
 from ._layer import lstm as lstm
+from ._layer import portable as portable
 from ._stack import bidirectional as bidirectional
 from ._stack import init_stack as init_stack
 from ._stack import lstm_stack as lstm_stack
+from ._streaming import Stepper as Stepper
 from ._types import GATE_ORDER as GATE_ORDER
 from ._types import BidirectionalParams as BidirectionalParams
 from ._types import BidirectionalState as BidirectionalState
@@ -36,6 +38,7 @@ __all__ = [
     "BidirectionalState",
     "LSTMParams",
     "LSTMState",
+    "Stepper",
     "__version__",
     "bidirectional",
     "forget_gate",
@@ -47,5 +50,6 @@ __all__ = [
     "lstm_step",
     "output_gate",
     "params_from_gates",
+    "portable",
     "zero_state",
 ]

@@ -11,7 +11,10 @@ on ``_scan`` without an import cycle.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -185,7 +188,39 @@ def _cudnn_jit(
     return (jnp.swapaxes(hs, 0, 1) if time_major else hs), final
 
 
-@functools.partial(jax.jit, static_argnames=("reverse", "time_major", "unroll", "bptt", "checkpoint_every", "pallas"))
+_PORTABLE: contextvars.ContextVar[bool] = contextvars.ContextVar("jaxlstm_portable", default=False)
+
+
+@contextlib.contextmanager
+def portable() -> Iterator[None]:
+    """Trace layers to operations every exporter handles: a backward (``reverse``) pass becomes a forward
+    scan over the time-flipped sequence, and the scan runs on every platform (no cuDNN or Pallas kernels).
+
+    The numbers are the same (the same steps in the same order); only the
+    program's form changes. Use it around an ONNX conversion, which has no
+    reverse scan (``jax2onnx``: "Reverse scan is not supported"); ``jax.export``
+    needs no such help.
+
+    Example:
+
+      >>> import jax, jaxlstm
+      >>> p = jaxlstm.init_params(jax.random.key(0), 3, 4)
+      >>> xs = jax.numpy.ones((2, 5, 3))
+      >>> with jaxlstm.portable():
+      ...     ys, _ = jaxlstm.lstm(p, xs, reverse=True)
+      >>> bool(jax.numpy.allclose(ys, jaxlstm.lstm(p, xs, reverse=True)[0]))
+      True
+    """
+    token = _PORTABLE.set(True)
+    try:
+        yield
+    finally:
+        _PORTABLE.reset(token)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("reverse", "time_major", "unroll", "bptt", "checkpoint_every", "pallas", "flip")
+)
 def _lstm_jit(
     params: LSTMParams,
     xs: Array,
@@ -200,11 +235,14 @@ def _lstm_jit(
     bptt: str,
     checkpoint_every: int | None,
     pallas: str | None = None,
+    flip: bool = False,
 ) -> tuple[Array, LSTMState]:
     batched_batch_major = xs.ndim == 3 and not time_major
     if batched_batch_major:
         xs = jnp.swapaxes(xs, 0, 1)
     valid = step_validity(lengths, step_mask, xs.shape[0])
+    if flip:  # the reverse pass as a forward scan over the flipped steps (portable(): no reverse scan)
+        xs, valid, reverse = jnp.flip(xs, 0), None if valid is None else jnp.flip(valid, 0), False
     hs, final = run_time_major(
         params,
         xs,
@@ -217,6 +255,8 @@ def _lstm_jit(
         checkpoint_every=checkpoint_every,
         pallas=pallas,
     )
+    if flip:
+        hs = jnp.flip(hs, 0)
     if batched_batch_major:
         hs = jnp.swapaxes(hs, 0, 1)
     return hs, final
@@ -333,8 +373,9 @@ def lstm(
     check_bptt(bptt, checkpoint_every)
     if recurrent_mask is not None:
         recurrent_mask = check_mask(recurrent_mask, state.hidden.shape, params.dtype)
+    flip = bool(reverse) and _PORTABLE.get()
     chosen = choose_impl(
-        impl,
+        "scan" if _PORTABLE.get() else impl,
         params,
         xs,
         lengths,
@@ -361,6 +402,7 @@ def lstm(
             bptt=bptt,
             checkpoint_every=checkpoint_every,
             pallas=chosen if chosen.startswith("pallas") else None,
+            flip=flip,
         )
     except TypeError as e:
         if "forward-mode" not in str(e):

@@ -331,7 +331,7 @@ def lstm_stack(
                 "as its input. Merge the directions into one array (e.g. merge='concat') when a layer follows, "
                 "or run the last bidirectional layer with jaxlstm.bidirectional to get its directions apart."
             )
-        if n < len(layers) - 1 and ys.shape[:-1] != lead:
+        if n < len(layers) - 1 and not _same_lead(ys.shape[:-1], lead):
             raise ValueError(
                 f"lstm_stack: layer {n}: the merge gave an array of shape {ys.shape}, but layer {n + 1} needs one "
                 f"row of features per step, {_shape_text(lead)}: keep the batch and time axes (merge along the "
@@ -341,6 +341,11 @@ def lstm_stack(
             ys = ys * dropout_mask(k_out, dropout_rate, ys.shape, ys.dtype)
         finals.append(final)
     return ys, tuple(finals)
+
+
+def _same_lead(a: tuple, b: tuple) -> bool:
+    """Equal leading axes; a size that is not an int (symbolic, in an export) is compared only by position."""
+    return len(a) == len(b) and all(x == y for x, y in zip(a, b) if isinstance(x, int) and isinstance(y, int))
 
 
 def _shape_text(lead: tuple) -> str:

@@ -158,6 +158,17 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from . import export
+
+    note = lambda msg: print(f"jaxlstm export: note: {msg}", file=sys.stderr, flush=True)
+    fmt = args.format or ("stablehlo" if args.out.endswith((".jaxexport", ".stablehlo")) else "onnx")
+    files = export.export(args.checkpoint, args.out, fmt, best=args.best, log=note)
+    for f in files:
+        print(f"wrote {f}")
+    return 0
+
+
 def _number(kind, *, minimum=None, positive=False, maximum=None, below=None):
     """An argparse type: ``kind`` (int or float), finite, and positive / at least ``minimum`` / at most ``maximum``."""
 
@@ -395,6 +406,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="random seed of the sampling, 0 to 4294967295 (default 0)",
     )
     gen.set_defaults(func=_generate)
+    exp = sub.add_parser(
+        "export",
+        help="write a trained run's model for another runtime (ONNX, or a StableHLO jax.export artifact)",
+        description=(
+            "Write a run's model for any batch size and length: inputs tokens int32 (B, T), cell and hidden "
+            "float32 (layers, B, H); outputs logits (B, T, V), cell_out and hidden_out. Feed the state back in "
+            "to continue a stream (T = 1: one character at a time). ONNX runs in onnxruntime without JAX; its "
+            "vocabulary is in the model's metadata_props under 'vocabulary'."
+        ),
+    )
+    exp.add_argument(
+        "--checkpoint", "--run", dest="checkpoint", required=True, help="a run folder written by jaxlstm train"
+    )
+    exp.add_argument("--out", required=True, help="the file to write, e.g. model.onnx")
+    exp.add_argument(
+        "--format",
+        choices=("onnx", "stablehlo"),
+        default=None,
+        help="onnx (needs the export extra: pip install 'jaxlstm[export]') or stablehlo (a serialized "
+        "jax.export artifact, with its interface and vocabulary in <out>.json); default: stablehlo for a "
+        "name ending in .jaxexport, onnx otherwise",
+    )
+    exp.add_argument("--best", action="store_true", help="export the best held-out evaluation's checkpoint")
+    exp.set_defaults(func=_export)
     demo = sub.add_parser(
         "demo",
         help="run one layer on random data and print shapes and timing",

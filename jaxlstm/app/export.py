@@ -1,0 +1,159 @@
+"""A trained character model handed to another runtime: ONNX (onnxruntime, no JAX) or a serialized
+``jax.export`` artifact (StableHLO), for any batch size and length.
+
+The interface of both (``layers`` = the stack's layers, one direction each):
+
+* inputs ``tokens`` int32 ``(B, T)``, ``cell`` and ``hidden`` float32 ``(layers, B, H)``;
+* outputs ``logits`` float32 ``(B, T, V)``, ``cell_out`` and ``hidden_out`` (the state after the last
+  step; ONNX names every value of a graph once, so they cannot share the inputs' names).
+
+Feeding the returned state back in continues the streams: ``T = 1`` is one
+step at a time. The vocabulary (the characters in id order, a JSON list) is
+in the ONNX model's ``metadata_props`` under ``vocabulary``, and in the
+StableHLO artifact's companion ``<out>.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import pathlib
+import warnings
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from .. import LSTMState, portable
+from .errors import RunError
+
+FORMATS = ("onnx", "stablehlo")
+INPUTS = ("tokens", "cell", "hidden")
+#: ONNX names each value once in a graph, so the state that comes out is named apart from the one that goes in
+OUTPUTS = ("logits", "cell_out", "hidden_out")
+
+
+def serving_function(model, params) -> Callable:
+    """``(tokens, cell, hidden) -> (logits, cell, hidden)`` of a ``CharLM`` with its parameters bound."""
+
+    def serve(tokens, cell, hidden):
+        states = tuple(LSTMState(cell[k], hidden[k]) for k in range(model.num_layers))
+        logits, finals = model.apply({"params": params}, tokens, states, deterministic=True, return_state=True)
+        return logits, jnp.stack([s.cell for s in finals]), jnp.stack([s.hidden for s in finals])
+
+    return serve
+
+
+def _specs(model, symbols: str = "B, T"):
+    from jax import export
+
+    b, t = export.symbolic_shape(symbols)
+    state = jax.ShapeDtypeStruct((model.num_layers, b, model.hidden_size), jnp.float32)
+    return jax.ShapeDtypeStruct((b, t), jnp.int32), state, state
+
+
+def export_stablehlo(model, params, vocab: str, out: pathlib.Path) -> list[pathlib.Path]:
+    """The serialized ``jax.export`` artifact at ``out`` and its interface and vocabulary at ``out.json``."""
+    from jax import export
+
+    exported = export.export(jax.jit(serving_function(model, params)))(*_specs(model))
+    meta = out.with_name(out.name + ".json")
+    _write(out, bytes(exported.serialize()))
+    _write(meta, json.dumps(_interface(model, vocab), indent=1).encode())
+    return [out, meta]
+
+
+def export_onnx(model, params, vocab: str, out: pathlib.Path) -> list[pathlib.Path]:
+    """The ONNX model at ``out`` (dynamic batch and time), the vocabulary in its ``metadata_props``."""
+    try:
+        import onnx
+        from jax2onnx import to_onnx
+    except ImportError as e:
+        raise RunError(
+            f"exporting to ONNX needs jax2onnx and onnx ({e.name} is missing): pip install 'jaxlstm[export]'."
+        ) from None
+    serve = serving_function(model, params)
+    shapes = [
+        jax.ShapeDtypeStruct(("B", "T"), jnp.int32),
+        jax.ShapeDtypeStruct((model.num_layers, "B", model.hidden_size), jnp.float32),
+        jax.ShapeDtypeStruct((model.num_layers, "B", model.hidden_size), jnp.float32),
+    ]
+    with _quiet(), portable():
+        proto = to_onnx(
+            serve,
+            shapes,
+            model_name="jaxlstm_charlm",
+            input_names=list(INPUTS),
+            output_names=list(OUTPUTS),
+        )
+    for key, value in _interface(model, vocab).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
+    onnx.checker.check_model(proto)
+    _write(out, proto.SerializeToString())
+    return [out]
+
+
+def _interface(model, vocab: str) -> dict:
+    return {
+        "vocabulary": json.dumps(list(vocab), ensure_ascii=False),
+        "inputs": "tokens int32 (B, T); cell, hidden float32 (layers, B, H)",
+        "outputs": "logits float32 (B, T, V); cell_out, hidden_out float32 (layers, B, H)",
+        "layers": str(model.num_layers),
+        "hidden_size": str(model.hidden_size),
+        "cell": "output map (tanh(W_o c + b_o))" if model.output_transform else "classic (tanh(c))",
+        "producer": "jaxlstm export",
+    }
+
+
+def _write(path: pathlib.Path, data: bytes) -> None:
+    """Whole or not at all: a temporary file in the same folder, renamed."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+@contextlib.contextmanager
+def _quiet():
+    """jax2onnx and onnx_ir log and warn about details of the graph they build; the command says one thing."""
+    loggers = [logging.getLogger(n) for n in ("jax2onnx", "onnx_ir", "onnx_ir.serde", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def export(run_dir, out, fmt: str = "onnx", *, best: bool = False, log=print) -> list[pathlib.Path]:
+    """Export a run's newest intact checkpoint (``best``: its best one) to ``out``; returns the files written."""
+    from .charlm import load
+
+    if fmt not in FORMATS:
+        raise RunError(f"--format must be one of {', '.join(FORMATS)}; received {fmt!r}.")
+    out = pathlib.Path(out)
+    if out.is_dir():
+        raise RunError(f"--out {out} is a folder; give a file name, e.g. {out / ('model.' + _suffix(fmt))}.")
+    if not out.parent.is_dir():
+        raise RunError(f"--out: the folder {out.parent} does not exist.")
+    model, params, cfg = load(run_dir, log, best=best)
+    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
+    with jax.enable_x64(False):
+        if fmt == "onnx":
+            return export_onnx(model, params, cfg.vocab, out)
+        return export_stablehlo(model, params, cfg.vocab, out)
+
+
+def _suffix(fmt: str) -> str:
+    return {"onnx": "onnx", "stablehlo": "jaxexport"}[fmt]

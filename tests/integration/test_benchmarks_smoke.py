@@ -264,3 +264,28 @@ def test_torch_charlm_script_runs(tmp_path):
     data = json.loads((tmp_path / "charlm_torch.json").read_text())
     assert data["steps_done"] == 6 and [c[0] for c in data["curve"]] == [3, 6]
     assert 0 < data["held_out_bits_per_char"] < 8
+
+
+def test_serving_script_measures_every_path(tmp_path):
+    """benchmarks/serving.py --quick: each installed path stepped at B = 1 and 2, the table written."""
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "serving.py"),
+        "--quick",
+        "--batches",
+        "1,2",
+        "--out",
+        str(tmp_path),
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=fast_compile_env())
+    assert out.returncode == 0, out.stderr[-2000:]
+    data = json.loads((tmp_path / "serving_quick.json").read_text())
+    expected = {"jaxlstm Stepper", "jax.export artifact"}
+    for optional, module in (("onnxruntime", "jax2onnx"), ("PyTorch nn.LSTM", "torch")):
+        if subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True).returncode == 0:
+            expected.add(optional)
+    assert set(data["batches"]) == {"1", "2"}
+    for rows in data["batches"].values():
+        assert set(rows) == expected
+        assert all(r["n"] == 10 and 0 < r["median_us"] <= r["p99_us"] for r in rows.values())
+    assert "| jaxlstm Stepper |" in (tmp_path / "serving_quick.md").read_text()

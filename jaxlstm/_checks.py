@@ -285,7 +285,7 @@ def resolve_bptt(bptt: str | None, backward: str | None, where: str = "lstm") ->
         raise ValueError(f"{where}: backward must be 'fused' or 'autodiff'; received {backward!r}. It is now bptt=.")
     new = cast(Bptt, _OLD_BACKWARD[backward])
     warnings.warn(
-        f"{where}: backward={backward!r} is deprecated and will be removed in the next release; use bptt={new!r} "
+        f"{where}: backward={backward!r} is deprecated and will be removed in jaxlstm 0.2.0; use bptt={new!r} "
         "(the old name read like the backward direction of a bidirectional layer).",
         DeprecationWarning,
         stacklevel=3,

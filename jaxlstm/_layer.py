@@ -326,7 +326,7 @@ def lstm(
         ``bernoulli(1 - rate) / (1 - rate)``. Treated as a constant (no
         gradient).
       backward: deprecated name of ``bptt`` (``"fused"`` is ``"custom"``); it
-        warns and will be removed in the next release.
+        warns and will be removed in jaxlstm 0.2.0.
       impl: ``"auto"`` (default), ``"scan"`` or ``"cudnn"``. ``"scan"`` is
         jaxlstm's own ``lax.scan`` (every platform, every option above).
         ``"cudnn"`` runs the layer through cuDNN's persistent LSTM kernels

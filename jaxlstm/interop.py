@@ -480,7 +480,8 @@ KERAS_MERGE = {"concat": "concat", "sum": "sum", "mul": "mul", "ave": "mean", No
 
 
 def from_keras_bidirectional(src) -> BidirectionalParams:
-    """A ``keras.layers.Bidirectional(keras.layers.LSTM(...))`` (or its weight list) -> :class:`BidirectionalParams`.
+    """A ``keras.layers.Bidirectional(keras.layers.LSTM(...))`` (or its weight list) ->
+    :class:`jaxlstm.BidirectionalParams`.
 
     Run it with ``jaxlstm.bidirectional(params, xs, merge=KERAS_MERGE[layer.merge_mode])``;
     Keras' backward layer reads time reversed and its outputs are put back in
@@ -505,7 +506,8 @@ def from_keras_bidirectional(src) -> BidirectionalParams:
 
 
 def to_keras_bidirectional(params: BidirectionalParams, *, use_bias: bool = True) -> list:
-    """:class:`BidirectionalParams` -> the weight list of ``keras.layers.Bidirectional(LSTM(H))`` (``set_weights``)."""
+    """:class:`jaxlstm.BidirectionalParams` -> the weight list of ``keras.layers.Bidirectional(LSTM(H))``
+    (``set_weights``)."""
     if not isinstance(params, BidirectionalParams):
         raise TypeError(f"to_keras_bidirectional expects jaxlstm.BidirectionalParams; received {_describe(params)}.")
     return to_keras(params.forward, use_bias=use_bias) + to_keras(params.backward, use_bias=use_bias)

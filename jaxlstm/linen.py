@@ -39,6 +39,9 @@ def _declare(module: nn.Module, input_size: int) -> LSTMParams:
     return LSTMParams(**{n: module.param(n, inits[n], shape, module.param_dtype) for n, shape in shapes.items()})
 
 
+__all__ = ["LSTMCell", "LSTM", "SequenceClassifier", "CharLM"]
+
+
 class LSTMCell(nn.RNNCellBase):
     """One LSTM step as a linen cell: ``__call__(carry, x) -> (carry, y)``.
 
@@ -52,14 +55,14 @@ class LSTMCell(nn.RNNCellBase):
     sequences with :class:`LSTM` instead: it uses the hand-written backward
     pass of :func:`jaxlstm.lstm`.
 
-    Attributes:
+    Args:
       hidden_size: ``H``.
       output_transform: ``True`` for the output-map cell (``tanh(W_o c + b_o)`` in the
         output gate), ``False`` for the classic one (``tanh(c)``).
       dtype: compute dtype (``None``: promote input and params).
       param_dtype: parameter dtype.
-      kernel_init, recurrent_init, bias_init, forget_bias, output_init,
-        output_bias_init: see :func:`jaxlstm.init_params`.
+      kernel_init, recurrent_init, bias_init, forget_bias, output_init, output_bias_init: see
+        :func:`jaxlstm.init_params`.
       proj_size: ``P``: project the hidden state (LSTMP); its carry is then
         ``(c (*B, H), a (*B, P))``.
 
@@ -119,7 +122,7 @@ class LSTMCell(nn.RNNCellBase):
 class LSTM(nn.Module):
     """A stack of (optionally bidirectional) LSTM layers, as a linen module.
 
-    Attributes:
+    Args:
       hidden_size: ``H`` of every layer.
       num_layers: number of stacked layers.
       bidirectional: run each layer both ways and merge.
@@ -137,8 +140,8 @@ class LSTM(nn.Module):
         at call time when a dropout rate is set. Dropout draws from the
         ``"dropout"`` rng collection.
       dtype, param_dtype: compute and parameter dtypes.
-      kernel_init, recurrent_init, bias_init, forget_bias, output_init,
-        output_bias_init: see :func:`jaxlstm.init_params`.
+      kernel_init, recurrent_init, bias_init, forget_bias, output_init, output_bias_init: see
+        :func:`jaxlstm.init_params`.
       unroll, reverse, time_major, bptt, checkpoint_every: see
         :func:`jaxlstm.lstm`; ``reverse`` and ``time_major`` can be overridden
         per call. ``backward`` is the deprecated name of ``bptt``.
@@ -325,7 +328,8 @@ class LSTM(nn.Module):
     def variables_from(self, layers) -> dict:
         """Deprecated: ``set_layers(None, layers)``."""
         warnings.warn(
-            "jaxlstm.linen.LSTM.variables_from is deprecated; use set_layers(variables, layers), "
+            "jaxlstm.linen.LSTM.variables_from is deprecated and will be removed in jaxlstm 0.2.0; use "
+            "set_layers(variables, layers), "
             "the name NNX's LSTM uses too.",
             DeprecationWarning,
             stacklevel=2,

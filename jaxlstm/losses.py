@@ -44,7 +44,7 @@ def sequence_cross_entropy(logits: Any, targets: Any, *, seq_lengths: Any = None
       mask: optional ``(B, T)`` weights (alternative to ``seq_lengths``).
 
     Returns:
-      A scalar: the sum of per-step losses over valid steps / their number.
+      The sum of per-step losses over valid steps divided by their number (a scalar).
 
     Example:
       >>> import jax.numpy as jnp

@@ -29,6 +29,9 @@ def _check_rngs(rngs: Any, where: str) -> None:
         )
 
 
+__all__ = ["LSTMCell", "LSTM", "SequenceClassifier", "CharLM"]
+
+
 class LSTMCell(nnx.RNNCellBase):
     """One LSTM step as an NNX cell: ``__call__(carry, x) -> (carry, y)``.
 
@@ -49,8 +52,8 @@ class LSTMCell(nnx.RNNCellBase):
         output gate), ``False`` for the classic cell (``tanh(c)``).
       dtype: compute dtype (``None``: promote input and params).
       param_dtype: parameter dtype.
-      kernel_init, recurrent_init, bias_init, forget_bias, output_init,
-        output_bias_init: see :func:`jaxlstm.init_params`.
+      kernel_init, recurrent_init, bias_init, forget_bias, output_init, output_bias_init: see
+        :func:`jaxlstm.init_params`.
       proj_size: ``P``: project the hidden state (LSTMP); the carry is then
         ``(c (*B, H), a (*B, P))``.
       rngs: ``nnx.Rngs`` (its ``params`` stream initialises the weights).
@@ -161,9 +164,9 @@ class LSTM(nnx.Module):
     Args:
       in_features: ``I`` of the first layer.
       hidden_size: ``H`` of every layer.
-      num_layers, bidirectional, merge, output_transform, dropout_rate,
-        recurrent_dropout_rate, dtype, param_dtype, initializers, unroll,
-        reverse, time_major, bptt, checkpoint_every: as in
+      num_layers, bidirectional, merge, output_transform, dropout_rate, recurrent_dropout_rate: as in
+        :class:`jaxlstm.linen.LSTM`.
+      dtype, param_dtype, initializers, unroll, reverse, time_major, bptt, checkpoint_every: as in
         :class:`jaxlstm.linen.LSTM`; ``reverse`` and ``time_major`` can be overridden per call.
       proj_size: ``P``: every layer projects its hidden state to ``P`` features (LSTMP).
       impl: ``"auto"``, ``"scan"``, ``"cudnn"``, ``"pallas"`` or ``"pallas_interpret"`` (see :func:`jaxlstm.lstm`).

@@ -445,7 +445,17 @@ def test_a_signal_stops_after_the_step_in_flight_which_is_saved(tmp_path):
         assert_same_params(resumed.state.params, straight.state.params)
 
 
+@pytest.fixture
+def sigint_delivered():
+    """SIGINT handled as Python's default, whatever the suite was started with: a shell starts a
+    background job with SIGINT ignored, and fit keeps an ignored signal ignored (as under nohup)."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
 @pytest.mark.slow  # several fits with real orbax checkpoints
+@pytest.mark.usefixtures("sigint_delivered")
 def test_a_second_signal_after_a_step_returned_keeps_its_metrics(tmp_path):
     """A double Ctrl-C whose second signal lands after a step returned but before its metrics were
     counted (it happened in the fault-injection runs: the resumed run's training record at the end of

@@ -13,7 +13,7 @@ from . import parallel
 class StopRequest:
     """SIGINT and SIGTERM turned into a request to stop at the next safe point.
 
-    The first signal sets :attr:`signal` and returns: the step in flight
+    The first signal sets ``signal`` and returns: the step in flight
     finishes, is saved, and the loop stops. A second signal raises
     ``KeyboardInterrupt`` at once (for a user who cannot wait), except inside
     a :meth:`deferred` block, which it ends first (:func:`fit` runs each step
@@ -51,7 +51,7 @@ class StopRequest:
         """The signal that stops the run, the same on every process (a collective in several processes).
 
         A signal that reached any one process stops all of them after the same step; in one
-        process this is :attr:`signal`.
+        process this is ``signal``.
         """
         if parallel.processes() == 1:
             return self.signal

@@ -4,7 +4,7 @@
     python benchmarks/memory.py --run            # also run the steps that fit, measuring the process's peak RSS
 
 A training step is ``jax.grad`` of ``sum(outputs ** 2)`` with respect to the
-weights, for the seed cell. For each setting XLA's buffer assignment of the
+weights, for the output-map cell. For each setting XLA's buffer assignment of the
 compiled step is read (``compiled.memory_analysis()``: arguments + outputs +
 temporaries = the memory the step needs at its peak, before running it).
 With ``--run`` each step that needs less than ``--max-gb`` is also executed in
@@ -81,7 +81,7 @@ def main(argv=None) -> int:
                 }
             )
     lines = [
-        f"Training step (grad of sum(outputs**2), seed cell), B = {a.batch}, I = H = {a.size}, float32.",
+        f"Training step (grad of sum(outputs**2), output-map cell), B = {a.batch}, I = H = {a.size}, float32.",
         "",
         "| T | checkpoint_every | XLA buffers at peak (args + outputs + temps) | measured peak RSS | step time |",
         "|---:|---:|---:|---:|---:|",

@@ -15,7 +15,7 @@ the median over rounds. Two workloads: the forward pass, and a training step
 
 The machine's large-matmul rate is measured in the same run; each result is
 also reported as a fraction of it (forward FLOPs ``2 T B 4H (I + H)``, plus
-``2 T B H H`` for the seed cell's output map; a training step counts 3x).
+``2 T B H H`` for the output-map cell's map; a training step counts 3x).
 
 Writes ``<out>/speed.md`` (the table), ``speed.json`` and ``speed.png`` (bars of
 speed relative to Flax ``nn.RNN(OptimizedLSTMCell)``), and prints the table.

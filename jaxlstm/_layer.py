@@ -281,7 +281,7 @@ def lstm(
     """Run one LSTM layer over a sequence (``jax.lax.scan``, jit-compiled).
 
     Args:
-      params: :class:`LSTMParams` (seed or classic cell).
+      params: :class:`LSTMParams` (the output-map or the classic cell).
       xs: ``(B, T, I)``; ``(T, B, I)`` with ``time_major=True``; or one
         unbatched sequence ``(T, I)``. Must have the params' dtype.
       state: initial :class:`LSTMState`, each field ``(B, H)`` (``(H,)``

@@ -147,7 +147,7 @@ def as_classic(params: LSTMParams) -> LSTMParams:
     Example:
       >>> import jax, jaxlstm
       >>> from jaxlstm.interop import as_classic
-      >>> p = jaxlstm.init_params(jax.random.key(0), 3, 4)  # seed cell, W_o = I at init
+      >>> p = jaxlstm.init_params(jax.random.key(0), 3, 4)  # the output-map cell, W_o = I at init
       >>> as_classic(p).output_transform
       False
     """

@@ -34,25 +34,16 @@ import json
 import math
 import os
 import pathlib
-import platform
 import socket
 import statistics
 import subprocess
 import sys
 import time
 
+from timing import cpu_model
+
 RESULTS = pathlib.Path(__file__).parent / "results"
 HERE = pathlib.Path(__file__).parent
-
-
-def cpu_model() -> str:
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def config(quick: bool, classic: bool):

@@ -39,7 +39,7 @@ HERE = pathlib.Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
 from charlm_torch import build as build_torch  # noqa: E402
-from scaling import cpu_model  # noqa: E402
+from timing import cpu_model  # noqa: E402
 
 
 def _paths(cfg, batch: int, vocab: str, tmp: pathlib.Path) -> dict:

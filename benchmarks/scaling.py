@@ -11,7 +11,11 @@ through JAX's distributed runtime (gloo collectives); and PyTorch's
 ``nn.LSTM`` on the same batches (``benchmarks/charlm_torch.py``'s step, all
 cores). Every jaxlstm setting runs ``jaxlstm.training.fit`` itself, the loop
 ``jaxlstm train`` runs (batches fed to the mesh, the step, the per-step
-agreement of the processes; no checkpoints or evaluations). After a warm-up
+agreement of the processes; no checkpoints or evaluations), with the host
+memory setting that ``jaxlstm train`` makes (``training.reuse_host_memory()``);
+the ``--devices`` setting runs once more with the C library's defaults
+(``--allocator system``). PyTorch runs as ``charlm_torch.py`` runs, and once
+more with the same memory setting as jaxlstm's. After a warm-up
 round (compilation), the settings take turns: one round of ``--steps`` steps
 each, ``--rounds`` times; the table gives each setting's median seconds per
 step and its ratio to PyTorch's and to one device's. Only one setting runs at
@@ -59,7 +63,18 @@ def config(quick: bool, classic: bool):
 # ------------------------------------------------------------------ workers (one per setting)
 
 
+def allocator(a) -> None:
+    """``--allocator reuse``: the C library keeps freed memory, as ``jaxlstm train`` sets it (before JAX or
+    PyTorch allocates)."""
+    if a.allocator == "reuse":
+        from jaxlstm.training import reuse_host_memory
+
+        if not reuse_host_memory():
+            print("scaling.py: reuse_host_memory() does not apply on this system", file=sys.stderr)
+
+
 def jax_worker(a) -> None:
+    allocator(a)
     import jax
 
     if a.process_id is not None:
@@ -97,6 +112,7 @@ def jax_worker(a) -> None:
 
 
 def torch_worker(a) -> None:
+    allocator(a)
     import charlm_torch
 
     cfg, text = config(a.quick, a.classic)
@@ -171,22 +187,33 @@ def settings(a) -> list[Setting]:
     flags = (["--quick"] if a.quick else []) + (["--classic"] if a.classic else [])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
     port = str(free_port())
+    reuse, system = ["--allocator", "reuse"], ["--allocator", "system"]
     out = [
-        Setting("jaxlstm, 1 CPU device", [[*me, "--worker", "jax", "--cpu-devices", "1", *flags]], env),
+        Setting("jaxlstm, 1 CPU device", [[*me, "--worker", "jax", "--cpu-devices", "1", *reuse, *flags]], env),
         Setting(
             f"jaxlstm, {a.devices} CPU devices in 1 process",
-            [[*me, "--worker", "jax", "--cpu-devices", str(a.devices), *flags]],
+            [[*me, "--worker", "jax", "--cpu-devices", str(a.devices), *reuse, *flags]],
+            env,
+        ),
+        Setting(
+            f"jaxlstm, {a.devices} CPU devices in 1 process, --allocator system",
+            [[*me, "--worker", "jax", "--cpu-devices", str(a.devices), *system, *flags]],
             env,
         ),
         Setting(
             "jaxlstm, 2 processes x 1 CPU device",
-            [[*me, "--worker", "jax", "--process-id", str(i), "--port", port, *flags] for i in (1, 0)],
+            [[*me, "--worker", "jax", "--process-id", str(i), "--port", port, *reuse, *flags] for i in (1, 0)],
             env,
         ),
     ]
     if not a.no_torch:
-        out.append(Setting("PyTorch nn.LSTM (classic cell)", [[*me, "--worker", "torch", *flags]], env))
+        out.append(Setting(TORCH, [[*me, "--worker", "torch", *system, *flags]], env))
+        out.append(Setting(TORCH_REUSE, [[*me, "--worker", "torch", *reuse, *flags]], env))
     return out
+
+
+TORCH = "PyTorch nn.LSTM (classic cell)"
+TORCH_REUSE = "PyTorch nn.LSTM (classic cell), memory kept as jaxlstm's"
 
 
 # ------------------------------------------------------------------ on paper
@@ -228,17 +255,22 @@ def table(result: dict) -> str:
         f"Cell: {'classic' if result['classic'] else 'output map (default)'}; batch {result['batch']} x "
         f"{result['seq_len']}, H = {result['hidden_size']}.",
         "",
-        "| setting | s / step | steps / s | vs 1 device | vs PyTorch |",
-        "|---|---:|---:|---:|---:|",
+        "Every jaxlstm setting but the one marked keeps freed memory for reuse (`reuse_host_memory()`, what "
+        "`jaxlstm train` sets); PyTorch runs once as `benchmarks/charlm_torch.py` runs and once with the same setting.",
+        "",
+        "| setting | s / step | steps / s | vs 1 device | vs PyTorch | vs PyTorch, memory kept |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     rows = result["rows"]
     one = rows[0]["median_s"]
-    torch_s = next((r["median_s"] for r in rows if r["name"].startswith("PyTorch")), None)
+    torch_s = next((r["median_s"] for r in rows if r["name"] == TORCH), None)
+    torch_reuse_s = next((r["median_s"] for r in rows if r["name"] == TORCH_REUSE), None)
     for r in rows:
-        vs_torch = f"{r['median_s'] / torch_s:.2f}x" if torch_s else "-"
+        vs_torch = f"{r['median_s'] / torch_s:.2f}x time" if torch_s else "-"
+        vs_reuse = f"{r['median_s'] / torch_reuse_s:.2f}x time" if torch_reuse_s else "-"
         lines.append(
             f"| {r['name']} | {r['median_s']:.4f} | {1 / r['median_s']:.2f} | {one / r['median_s']:.2f}x speed-up "
-            f"| {vs_torch} time |"
+            f"| {vs_torch} | {vs_reuse} |"
         )
     lines += [
         "",
@@ -273,6 +305,7 @@ def main(argv=None) -> int:
     p.add_argument("--cpu-devices", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--process-id", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--port", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--allocator", choices=["reuse", "system"], default="reuse", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker == "jax":
         jax_worker(a)

@@ -20,7 +20,9 @@ The pieces compose; none of them owns your model:
   :func:`fit` (:func:`data_mesh` builds one): the batch is sharded over it,
   the parameters replicated; on the devices of one process, or of several
   processes and hosts after ``jax.distributed.initialize`` (the same program
-  in each).
+  in each);
+* :func:`reuse_host_memory`: on Linux, keep the host memory a step frees for
+  the next step (XLA:CPU's working buffers then cost no page faults).
 
 Data is a function ``batch_fn(step) -> batch`` of the step number, so that the
 data position is part of the step and a resumed run sees exactly the batches
@@ -30,6 +32,7 @@ it would have seen.
 from __future__ import annotations
 
 from ._train.checkpoints import Checkpointer, CheckpointError, from_snapshot, snapshot
+from ._train.host_memory import reuse_host_memory
 from ._train.loop import FitResult, NonFiniteLossError, batches_from, fit
 from ._train.parallel import PartnerLost, data_mesh
 from ._train.records import json_line, read_metrics, write_text_atomic
@@ -60,6 +63,7 @@ __all__ = [
     "make_train_step",
     "make_eval_step",
     "data_mesh",
+    "reuse_host_memory",
     "Checkpointer",
     "fit",
 ]

@@ -205,6 +205,14 @@ MUTANTS = (
         "    return a.reshape(-1, a.shape[-1]).T @ b.reshape(-1, b.shape[-1])",
         ("tests/integration/test_shard_map_devices.py",),
     ),
+    Mutant(
+        "host-memory",
+        "jaxlstm train keeps freed memory for the next step (no page faults of the working buffers every step)",
+        "jaxlstm/_train/host_memory.py",
+        "SETTINGS = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1), (_M_ARENA_MAX, 1))",
+        "SETTINGS = ((_M_TRIM_THRESHOLD, 2**31 - 1),)",
+        ("tests/test_host_memory.py",),
+    ),
 )
 
 

@@ -97,6 +97,10 @@ def _train(args: argparse.Namespace) -> int:
         options["output_transform"] = False
     if args.streams:
         options["streams"] = True
+    if args.allocator == "reuse":  # before JAX starts its devices and their threads allocate
+        from ..training import reuse_host_memory
+
+        reuse_host_memory()
     how = _launch(args)
     try:
         # the batch size decides the automatic device count: the run's own on --resume
@@ -314,6 +318,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="train on contiguous streams whose state carries from one step to the next, instead of the default "
         "independent random windows read from a zero state (can leave the cell state growing without bound "
         "on short runs: compare the held-out figure)",
+    )
+    train.add_argument(
+        "--allocator",
+        choices=("reuse", "system"),
+        default="reuse",
+        help="reuse (default, Linux with glibc): the C library keeps the memory a step frees for the next "
+        "step, so XLA's working buffers are not page-faulted afresh on every step (see the speed guide); "
+        "system: the C library's own defaults",
     )
     train.add_argument(
         "--no-progress",

@@ -551,3 +551,16 @@ def test_a_hand_edited_field_the_checkpoints_were_trained_with_is_named(tmp_path
     for args in (["generate", "--checkpoint", str(out), "--length", "5"], ["train", "--out", str(out), "--resume"]):
         msg = one_line_error(capsys, *args)
         assert "was edited" in msg and "another model" not in msg and "--overwrite" not in msg, msg
+
+
+def test_train_keeps_freed_memory_unless_told_otherwise(tmp_path, text, monkeypatch):
+    """``--allocator reuse`` (the default) calls ``training.reuse_host_memory`` before training; ``system`` does not."""
+    import jaxlstm.training
+
+    calls = []
+    monkeypatch.setattr(jaxlstm.training, "reuse_host_memory", lambda: calls.append(1) or True)
+    common = ["--text", str(text), "--steps", "2", *SMALL]
+    assert cli("train", "--out", str(tmp_path / "a"), "--allocator", "system", *common) == 0
+    assert calls == []
+    assert cli("train", "--out", str(tmp_path / "b"), *common) == 0
+    assert calls == [1]

@@ -295,6 +295,7 @@ def test_scaling_benchmark_runs_every_setting(tmp_path):
     assert names == [
         "jaxlstm, 1 CPU device",
         "jaxlstm, 2 CPU devices in 1 process",
+        "jaxlstm, 2 CPU devices in 1 process, --allocator system",
         "jaxlstm, 2 processes x 1 CPU device",
     ]
     assert all(len(r["per_step_s"]) == 2 and min(r["per_step_s"]) > 0 for r in data["rows"])

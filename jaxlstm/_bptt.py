@@ -33,7 +33,7 @@ import jax.numpy as jnp
 
 from . import _vma
 from ._cell import hold, masked, pre_activations, update, valid_at
-from ._scan import chunk, pad_time, plain_forward, stacked_weight
+from ._scan import chunk, pad_steps, pad_time, plain_forward, stacked_weight
 from ._types import Array, LSTMParams, LSTMState
 
 
@@ -205,7 +205,7 @@ def _outer_sum(a: Array, b: Array) -> Array:
     and XLA would gather the whole batch onto every device to compute it.
     """
     lead = tuple(range(a.ndim - 1))
-    return jax.lax.dot_general(a, b, ((lead, lead), ((), ())))
+    return jax.lax.dot_general(a, b, ((lead, lead), ((), ())), out_sharding=_vma.outer_sharding(a, b))
 
 
 def _lead_sum(a: Array) -> Array:
@@ -347,7 +347,7 @@ def _checkpointed_bwd(reverse, unroll, k, saved, cotangents):  # type: ignore[no
     xs_p, valid_p, n, T = pad_time(xs, valid, k)
     pad = n * k - T
     if pad:
-        dhs = jnp.concatenate([dhs, jnp.zeros((pad,) + dhs.shape[1:], dhs.dtype)], axis=0)
+        dhs = pad_steps(dhs, pad)
     zero_grads = jax.tree.map(lambda p: jnp.zeros(p.shape, state.cell.dtype), params)  # summed in the state's dtype
     zero_grads = _vma.vary(zero_grads, _vma.axes(xs))  # inside shard_map: varying as the grads added to them
 

@@ -98,12 +98,17 @@ def pad_time(xs: Array, valid: Array | None, k: int) -> tuple[Array, Array | Non
     T = xs.shape[0]
     n = -(-T // k)
     pad = n * k - T
-    if pad:
-        xs = jnp.concatenate([xs, jnp.zeros((pad,) + xs.shape[1:], xs.dtype)], axis=0)
+    if pad:  # padded from the arrays themselves, so that a batch split over devices stays split
         if valid is None:
-            valid = jnp.ones(xs.shape[1:-1], bool)[None].repeat(T, axis=0)
-        valid = jnp.concatenate([valid, jnp.zeros((pad,) + valid.shape[1:], bool)], axis=0)
+            valid = jnp.ones_like(xs[..., 0], dtype=bool)
+        xs = pad_steps(xs, pad)
+        valid = pad_steps(valid, pad)
     return xs, valid, n, T
+
+
+def pad_steps(a: Array, pad: int) -> Array:
+    """``a`` ``(T, ...)`` followed by ``pad`` steps of zeros (``False``)."""
+    return jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1))
 
 
 def without_padding(xs: Array, valid: Array) -> Array:

@@ -201,7 +201,8 @@ MUTANTS = (
         "outer-sum",
         "a batch split over devices needs no all-gather (weight gradients summed over leading axes)",
         "jaxlstm/_bptt.py",
-        "    lead = tuple(range(a.ndim - 1))\n    return jax.lax.dot_general(a, b, ((lead, lead), ((), ())))",
+        "    lead = tuple(range(a.ndim - 1))\n"
+        "    return jax.lax.dot_general(a, b, ((lead, lead), ((), ())), out_sharding=_vma.outer_sharding(a, b))",
         "    return a.reshape(-1, a.shape[-1]).T @ b.reshape(-1, b.shape[-1])",
         ("tests/integration/test_shard_map_devices.py",),
     ),

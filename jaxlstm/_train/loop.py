@@ -157,7 +157,9 @@ def fit(
         in each checkpoint (orbax), a signal to any one of them stops them all
         after the same step, and a process that dies ends the others at their
         next step with :class:`PartnerLost`. A checkpoint does not depend on
-        the number of processes or devices that wrote it.
+        the number of processes or devices that wrote it. A mesh with
+        Explicit axes (``jax.make_mesh``'s default) is used with Auto ones:
+        ``fit`` shards the batch and XLA propagates it through any model.
       process_local_batches: ``batch_fn(step)`` returns this process's rows of
         the global batch (its share, in process order), for data that one host
         cannot hold (e.g. a grain source sharded by ``jax.process_index()``).
@@ -222,6 +224,7 @@ def fit(
                 "each keeps its own checkpoints and removes the ones it no longer keeps."
             )
     parallel.check_mesh(mesh)
+    mesh = None if mesh is None else parallel.auto_axes(mesh)
     run = _Run(
         state,
         train_step,

@@ -13,7 +13,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 DATA = "data"
 
@@ -28,6 +28,19 @@ def data_mesh(devices=None) -> Mesh:
     """
     devices = jax.devices() if devices is None else devices
     return Mesh(np.asarray(devices), (DATA,))
+
+
+def auto_axes(mesh: Mesh) -> Mesh:
+    """``mesh`` with every axis of type Auto (``jax.make_mesh`` makes Explicit ones by default).
+
+    :func:`fit` makes one sharding itself, the batch split over ``"data"``, and lets XLA propagate it
+    through the model, whatever the model does; under Explicit axes every operation of the model would
+    have to state how its output is sharded (Flax's ``nn.Embed`` does not, for one).
+    """
+    types = getattr(mesh, "axis_types", None)
+    if types is None or all(t == AxisType.Auto for t in types):
+        return mesh
+    return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
 
 
 def processes() -> int:
@@ -56,7 +69,10 @@ def check_mesh(mesh: Mesh | None) -> None:
 
 
 def _on_mesh(a: Any, mesh: Mesh) -> bool:
-    return isinstance(a, jax.Array) and a.sharding.device_set == set(mesh.devices.flat)
+    if not isinstance(a, jax.Array) or a.sharding.device_set != set(mesh.devices.flat):
+        return False
+    other = getattr(a.sharding, "mesh", None)  # placed on the same devices, but with Explicit axes: placed again
+    return getattr(other, "axis_types", None) in (None, mesh.axis_types)
 
 
 def _global(host: np.ndarray, sharding: NamedSharding) -> jax.Array:

@@ -120,3 +120,73 @@ def test_a_batch_split_by_jit_stays_split_in_the_backward_pass():
     out = subprocess.run([sys.executable, "-c", JIT_SCRIPT], capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "no gather" in out.stdout
+
+
+EXPLICIT_SCRIPT = textwrap.dedent(
+    """
+    import jax
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+    import jaxlstm
+    from jaxlstm import training
+    from jaxlstm.linen import CharLM
+
+    # jax.make_mesh's default: Explicit axes, where an array's sharding is part of its type
+    mesh = jax.make_mesh((2,), ("data",), axis_types=(AxisType.Explicit,))
+    key = jax.random.key(0)
+    xs = jax.random.normal(key, (4, 7, 3), jnp.float64)
+    lengths = jnp.array([7, 3, 0, 5])
+    p = jaxlstm.init_params(jax.random.key(1), 3, 5, dtype=jnp.float64)
+    q = jaxlstm.init_params(jax.random.key(2), 5, 5, dtype=jnp.float64, output_transform=False)
+    layers = {
+        "lstm": lambda p, x, n: jaxlstm.lstm(p, x, seq_lengths=n)[0],
+        "reverse, time-major": lambda p, x, n: jaxlstm.lstm(p, x.swapaxes(0, 1), time_major=True, reverse=True)[0],
+        "checkpoint_every=3": lambda p, x, n: jaxlstm.lstm(p, x, seq_lengths=n, checkpoint_every=3)[0],
+        "autodiff": lambda p, x, n: jaxlstm.lstm(p, x, bptt="autodiff")[0],
+        "bidirectional": lambda p, x, n: jaxlstm.bidirectional(jaxlstm.BidirectionalParams(p, p), x, seq_lengths=n)[0],
+        "stack": lambda p, x, n: jaxlstm.lstm_stack([p, q], x, seq_lengths=n)[0],
+    }
+    for name, layer in layers.items():
+        loss = lambda p, x, n: jnp.sum(jnp.sin(layer(p, x, n)))
+        want = jax.grad(loss, argnums=(0, 1))(p, xs, lengths)
+        with jax.set_mesh(mesh):
+            specs = (P(), P("data"), P("data"))
+            put = [jax.device_put(a, NamedSharding(mesh, s)) for a, s in zip((p, xs, lengths), specs)]
+            got = jax.jit(jax.grad(loss, argnums=(0, 1)))(*put)
+            assert jax.typeof(got[1]).sharding.spec[0] == "data", (name, jax.typeof(got[1]))
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-10, atol=1e-12, err_msg=name)
+
+    # fit(mesh=...) with that mesh: a Flax model whose nn.Embed states no output sharding
+    model = CharLM(vocab_size=11, embed_dim=4, hidden_size=6)
+    tokens = jax.random.randint(key, (4, 9), 0, 11)
+    def loss_fn(params, state, batch, rng, carry):
+        logits = state.apply_fn({"params": params}, batch[:, :-1])
+        return training.sequence_cross_entropy(logits, batch[:, 1:]), ({}, None)
+    def run(mesh):
+        state = training.TrainState.create(
+            apply_fn=model.apply, params=model.init(key, tokens)["params"], tx=optax.adam(1e-2)
+        )
+        out = training.fit(state, training.make_train_step(loss_fn), lambda s: tokens, num_steps=3,
+                           rng=key, progress=False, handle_signals=False, mesh=mesh)
+        return out.state.params
+    for a, b in zip(jax.tree.leaves(run(mesh)), jax.tree.leaves(run(None))):  # float32: the order of the sums
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    print("explicit ok")
+    """
+)
+
+
+def test_a_batch_split_over_explicit_mesh_axes():
+    """``jax.make_mesh`` makes Explicit axes by default, where a sharding is part of an array's type: the
+    layers' zero states, padding and weight-gradient sums name theirs (they were type errors), and
+    ``fit`` takes such a mesh for any model; the values equal one device's."""
+    env = fast_compile_env()
+    env["XLA_FLAGS"] += " --xla_force_host_platform_device_count=2"
+    out = subprocess.run([sys.executable, "-c", EXPLICIT_SCRIPT], capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "explicit ok" in out.stdout

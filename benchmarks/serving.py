@@ -2,6 +2,7 @@
 
     python benchmarks/serving.py            # B = 1 and B = 32, tables in benchmarks/results/serving.{md,json}
     python benchmarks/serving.py --quick    # a smoke run (tiny model, few calls)
+    python benchmarks/serving.py --classic  # the classic cell: ONNX's own LSTM operator as one more path
 
 The model is the main job's (``jaxlstm train`` with no arguments: embedding,
 LSTM, dense head, sizes from :class:`jaxlstm.app.charlm.Config`) with random
@@ -15,6 +16,8 @@ the new state out, the state fed back each call:
   deserialized and called under ``jax.jit``;
 * ``onnxruntime``: what ``jaxlstm export`` writes, in an onnxruntime session
   (its default threads) with the state passed as NumPy arrays;
+* ``onnxruntime, LSTM operator`` (``--classic`` only): what ``jaxlstm export --format onnx-lstm``
+  writes, each layer ONNX's own ``LSTM`` operator (onnxruntime's fused kernel);
 * ``PyTorch nn.LSTM``: the same sizes in PyTorch (the classic cell: PyTorch has
   no output map), ``torch.inference_mode``, the ``(h, c)`` state carried.
 
@@ -82,18 +85,24 @@ def _paths(cfg, batch: int, vocab: str, tmp: pathlib.Path) -> dict:
     try:
         import onnxruntime as ort
 
+        def ort_path(path: pathlib.Path):
+            options = ort.SessionOptions()
+            options.log_severity_level = 3
+            session = ort.InferenceSession(str(path), options)
+            ort_state = {"cell": zeros.copy(), "hidden": zeros.copy()}
+
+            def ort_step():
+                logits, c, h = session.run(None, {"tokens": tokens, **ort_state})
+                ort_state["cell"], ort_state["hidden"] = c, h
+                return logits
+
+            return ort_step
+
         app_export.export_onnx(model, params, vocab, tmp / "model.onnx")
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        session = ort.InferenceSession(str(tmp / "model.onnx"), options)
-        ort_state = {"cell": zeros.copy(), "hidden": zeros.copy()}
-
-        def ort_step():
-            logits, c, h = session.run(None, {"tokens": tokens, **ort_state})
-            ort_state["cell"], ort_state["hidden"] = c, h
-            return logits
-
-        paths["onnxruntime"] = ort_step
+        paths["onnxruntime"] = ort_path(tmp / "model.onnx")
+        if not cfg.output_transform:  # the classic cell maps onto ONNX's own LSTM operator too
+            app_export.export_onnx_lstm(model, params, vocab, tmp / "model_lstm.onnx")
+            paths["onnxruntime, LSTM operator"] = ort_path(tmp / "model_lstm.onnx")
     except ImportError:
         print("onnxruntime or jax2onnx is not installed (pip install 'jaxlstm[export]'): skipped", file=sys.stderr)
 
@@ -141,12 +150,14 @@ def measure(paths: dict, rounds: int, calls: int, warmup: int) -> dict:
 
 
 def table(result: dict) -> str:
+    flags = (" --quick" if result["quick"] else "") + (" --classic" if result.get("classic") else "")
+    cells = "the classic cell" if result.get("classic") else "jaxlstm: the output-map cell; PyTorch: the classic cell"
     lines = [
         "# Streaming inference: one character per stream per call",
         "",
-        f"`python benchmarks/serving.py{' --quick' if result['quick'] else ''}` on {result['cpu']}; "
+        f"`python benchmarks/serving.py{flags}` on {result['cpu']}; "
         f"model: embedding {result['embed_dim']}, LSTM {result['hidden_size']} x {result['num_layers']} "
-        f"(jaxlstm: the output-map cell; PyTorch: the classic cell), vocabulary {result['vocab']}; "
+        f"({cells}), vocabulary {result['vocab']}; "
         f"{result['rounds']} alternating rounds of {result['calls']} calls per path after warm-up.",
         "",
     ]
@@ -168,6 +179,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Per-step latency of streaming inference, side by side.")
     parser.add_argument("--quick", action="store_true", help="a smoke run: a tiny model, few calls")
     parser.add_argument("--batches", default="1,32", help="comma-separated stream counts (default 1,32)")
+    parser.add_argument(
+        "--classic", action="store_true", help="the classic cell, which adds ONNX's own LSTM operator as a path"
+    )
     parser.add_argument("--out", default=str(HERE / "results"), help="folder for serving.md and serving.json")
     args = parser.parse_args(argv)
 
@@ -176,7 +190,7 @@ def main(argv=None) -> int:
     from jaxlstm.app import charlm
 
     vocab = "".join(chr(32 + k) for k in range(65))  # the main job's vocabulary size (65 characters)
-    cfg = dataclasses.replace(charlm.Config(), vocab=vocab)
+    cfg = dataclasses.replace(charlm.Config(), vocab=vocab, output_transform=not args.classic)
     if args.quick:
         cfg = dataclasses.replace(cfg, hidden_size=16, embed_dim=8)
     rounds, calls, warmup = (2, 5, 3) if args.quick else (10, 100, 50)
@@ -184,6 +198,7 @@ def main(argv=None) -> int:
     result = {
         "cpu": cpu_model(),
         "quick": args.quick,
+        "classic": args.classic,
         "embed_dim": cfg.embed_dim,
         "hidden_size": cfg.hidden_size,
         "num_layers": cfg.num_layers,
@@ -201,7 +216,7 @@ def main(argv=None) -> int:
             )
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = "serving_quick" if args.quick else "serving"
+    name = ("serving_quick" if args.quick else "serving") + ("_classic" if args.classic else "")
     (out / f"{name}.json").write_text(json.dumps(result, indent=1))
     (out / f"{name}.md").write_text(table(result))
     print(table(result))

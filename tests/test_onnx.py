@@ -89,3 +89,41 @@ def test_flax_models_holding_jaxlstm_layers_convert(api):
             model = jn.LSTM(I, H, num_layers=2, bidirectional=True, rngs=nnx.Rngs(0))
             fn = lambda xs, n: model(xs, seq_lengths=n)
         _convert_and_compare(fn, ("xs", "lengths"))
+
+
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_the_classic_cell_maps_onto_onnx_lstm_operator(tmp_path, num_layers):
+    """``jaxlstm export --format onnx-lstm``'s graph (ONNX's own ``LSTM`` operator, gates reordered to its
+    ``i, o, f, c``) against the Flax model in JAX, at several batch sizes and lengths, state carried in."""
+    with jax.enable_x64(False):  # float32, as an exported model runs
+        from jaxlstm.app import export
+
+        vocab = "abcdefghijk"
+        model = jl.CharLM(
+            vocab_size=len(vocab), embed_dim=4, hidden_size=H, num_layers=num_layers, output_transform=False
+        )
+        params = model.init(jax.random.key(0), jnp.zeros((1, 3), jnp.int32))["params"]
+        # biases and all: every gate block differs, so a swapped pair of gates cannot go unnoticed
+        params = jax.tree.map(lambda a: a + 0.3 * jax.random.normal(jax.random.key(a.size), a.shape), params)
+        export.export_onnx_lstm(model, params, vocab, tmp_path / "m.onnx")
+        session = ort.InferenceSession(str(tmp_path / "m.onnx"))
+        serve = export.serving_function(model, params)
+        for b, t in SHAPES:
+            rng = np.random.default_rng(b * t)
+            tokens = rng.integers(0, len(vocab), (b, t)).astype(np.int32)
+            cell, hidden = (rng.standard_normal((num_layers, b, H)).astype(np.float32) for _ in range(2))
+            got = session.run(None, {"tokens": tokens, "cell": cell, "hidden": hidden})
+            for g, w in zip(got, serve(tokens, cell, hidden)):
+                np.testing.assert_allclose(g, np.asarray(w), rtol=1e-5, atol=1e-5, err_msg=f"B={b}, T={t}")
+
+
+def test_the_output_map_cell_is_refused_by_the_lstm_operator(tmp_path):
+    with jax.enable_x64(False):  # float32, as an exported model runs
+        from jaxlstm.app import export
+        from jaxlstm.app.errors import RunError
+
+        model = jl.CharLM(vocab_size=5, embed_dim=4, hidden_size=H)
+        params = model.init(jax.random.key(0), jnp.zeros((1, 3), jnp.int32))["params"]
+        with pytest.raises(RunError, match="learned output map"):
+            export.export_onnx_lstm(model, params, "abcde", tmp_path / "m.onnx")
+        assert not list(tmp_path.iterdir())

@@ -434,11 +434,12 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", required=True, help="the file to write, e.g. model.onnx")
     exp.add_argument(
         "--format",
-        choices=("onnx", "stablehlo"),
+        choices=("onnx", "onnx-lstm", "stablehlo"),
         default=None,
-        help="onnx (needs the export extra: pip install 'jaxlstm[export]') or stablehlo (a serialized "
-        "jax.export artifact, with its interface and vocabulary in <out>.json); default: stablehlo for a "
-        "name ending in .jaxexport, onnx otherwise",
+        help="onnx (needs the export extra: pip install 'jaxlstm[export]'), onnx-lstm (a classic-cell run as "
+        "ONNX's own LSTM operator, which onnxruntime runs as one fused kernel; same interface) or stablehlo "
+        "(a serialized jax.export artifact, with its interface and vocabulary in <out>.json); default: "
+        "stablehlo for a name ending in .jaxexport, onnx otherwise",
     )
     exp.add_argument("--best", action="store_true", help="export the best held-out evaluation's checkpoint")
     exp.set_defaults(func=_export)

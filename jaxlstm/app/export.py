@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from .. import LSTMState, portable
 from .errors import RunError
 
-FORMATS = ("onnx", "stablehlo")
+FORMATS = ("onnx", "onnx-lstm", "stablehlo")
 INPUTS = ("tokens", "cell", "hidden")
 #: ONNX names each value once in a graph, so the state that comes out is named apart from the one that goes in
 OUTPUTS = ("logits", "cell_out", "hidden_out")
@@ -97,6 +97,103 @@ def export_onnx(model, params, vocab: str, out: pathlib.Path) -> list[pathlib.Pa
     return [out]
 
 
+def lstm_operator_weights(layer: dict) -> tuple:
+    """One classic-cell layer's ``w_x`` ``(I, 4H)``, ``w_h`` ``(H, 4H)``, ``b`` ``(4H,)`` as ONNX ``LSTM``'s
+    ``W`` ``(1, 4H, I)``, ``R`` ``(1, 4H, H)`` and ``B`` ``(1, 8H)``.
+
+    jaxlstm's gate blocks are ``[f1 | i | f2 | f3]``: the forget gate, the candidate ``tanh(...)``, the
+    input gate and the output gate. ONNX orders them ``i, o, f, c`` (input, output, forget, candidate)
+    and keeps each block as rows; its two biases are summed, so the recurrent one is zero here.
+    """
+    import numpy as np
+
+    w_x, w_h, b = (np.asarray(layer[k], np.float32) for k in ("w_x", "w_h", "b"))
+    h = w_h.shape[0]
+    order = [2, 3, 0, 1]  # ONNX i, o, f, c = jaxlstm f2, f3, f1, i
+
+    def rows(a):  # (.., 4H) -> (4H, ..) in ONNX's gate order
+        return np.concatenate([a[..., k * h : (k + 1) * h] for k in order], axis=-1).T
+
+    bias = np.concatenate([rows(b[None])[:, 0], np.zeros(4 * h, np.float32)])
+    return rows(w_x)[None], rows(w_h)[None], bias[None]
+
+
+def export_onnx_lstm(model, params, vocab: str, out: pathlib.Path) -> list[pathlib.Path]:
+    """The classic-cell model as an ONNX graph of ONNX's own ``LSTM`` operator (one per layer), at ``out``.
+
+    The same interface as :func:`export_onnx`; onnxruntime runs each layer as its fused LSTM kernel. Only
+    the classic cell maps onto the operator (its output gate is ``tanh(c)``); the learned output map
+    ``tanh(W_o c + b_o)`` does not.
+    """
+    if model.output_transform:
+        raise RunError(
+            "--format onnx-lstm maps the classic cell (output gate tanh(c)) onto ONNX's LSTM operator; this run "
+            "uses the learned output map tanh(W_o c + b_o), which the operator cannot express: use --format onnx."
+        )
+    try:
+        import numpy as np
+        import onnx
+        from onnx import TensorProto, helper, numpy_helper
+    except ImportError as e:
+        raise RunError(f"exporting to ONNX needs onnx ({e.name} is missing): pip install 'jaxlstm[export]'.") from None
+    L, H, V = model.num_layers, model.hidden_size, len(vocab)
+    consts: dict[str, np.ndarray] = {
+        "embedding": np.asarray(params["Embed_0"]["embedding"], np.float32),
+        "kernel": np.asarray(params["Dense_0"]["kernel"], np.float32),
+        "bias": np.asarray(params["Dense_0"]["bias"], np.float32),
+        "time_axis": np.asarray([1], np.int64),
+    }
+    node = helper.make_node
+    nodes = [
+        node("Gather", ["embedding", "tokens"], ["embedded"]),  # (B, T, E)
+        node("Transpose", ["embedded"], ["x_0"], perm=[1, 0, 2]),  # (T, B, E): the operator's layout
+    ]
+    for k in range(L):
+        W, R, B = lstm_operator_weights(params["LSTM_0"][f"layer_{k}"])
+        consts.update({f"W_{k}": W, f"R_{k}": R, f"B_{k}": B, f"layer_{k}": np.asarray([k], np.int64)})
+        nodes += [
+            node("Gather", ["cell", f"layer_{k}"], [f"c0_{k}"], axis=0),  # (1, B, H)
+            node("Gather", ["hidden", f"layer_{k}"], [f"h0_{k}"], axis=0),
+            node(
+                "LSTM",
+                [f"x_{k}", f"W_{k}", f"R_{k}", f"B_{k}", "", f"h0_{k}", f"c0_{k}"],
+                [f"y_{k}", f"h_{k}", f"c_{k}"],
+                hidden_size=H,
+            ),  # y: (T, 1, B, H)
+            node("Squeeze", [f"y_{k}", "time_axis"], [f"x_{k + 1}"]),
+        ]
+    nodes += [
+        node("Transpose", [f"x_{L}"], ["outputs"], perm=[1, 0, 2]),  # (B, T, H)
+        node("MatMul", ["outputs", "kernel"], ["projected"]),
+        node("Add", ["projected", "bias"], ["logits"]),
+        node("Concat", [f"c_{k}" for k in range(L)], ["cell_out"], axis=0),
+        node("Concat", [f"h_{k}" for k in range(L)], ["hidden_out"], axis=0),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "jaxlstm_charlm_lstm_operator",
+        [
+            helper.make_tensor_value_info("tokens", TensorProto.INT32, ["B", "T"]),
+            helper.make_tensor_value_info("cell", TensorProto.FLOAT, [L, "B", H]),
+            helper.make_tensor_value_info("hidden", TensorProto.FLOAT, [L, "B", H]),
+        ],
+        [
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["B", "T", V]),
+            helper.make_tensor_value_info("cell_out", TensorProto.FLOAT, [L, "B", H]),
+            helper.make_tensor_value_info("hidden_out", TensorProto.FLOAT, [L, "B", H]),
+        ],
+        initializer=[numpy_helper.from_array(a, name) for name, a in consts.items()],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="jaxlstm")
+    proto.ir_version = 8  # what onnxruntimes from 1.14 on read
+    for key, value in _interface(model, vocab).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
+    onnx.checker.check_model(proto)
+    _write(out, proto.SerializeToString())
+    return [out]
+
+
 def _interface(model, vocab: str) -> dict:
     return {
         "vocabulary": json.dumps(list(vocab), ensure_ascii=False),
@@ -152,8 +249,10 @@ def export(run_dir, out, fmt: str = "onnx", *, best: bool = False, log=print) ->
     with jax.enable_x64(False):
         if fmt == "onnx":
             return export_onnx(model, params, cfg.vocab, out)
+        if fmt == "onnx-lstm":
+            return export_onnx_lstm(model, params, cfg.vocab, out)
         return export_stablehlo(model, params, cfg.vocab, out)
 
 
 def _suffix(fmt: str) -> str:
-    return {"onnx": "onnx", "stablehlo": "jaxexport"}[fmt]
+    return {"onnx": "onnx", "onnx-lstm": "onnx", "stablehlo": "jaxexport"}[fmt]

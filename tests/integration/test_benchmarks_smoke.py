@@ -266,8 +266,10 @@ def test_torch_charlm_script_runs(tmp_path):
     assert 0 < data["held_out_bits_per_char"] < 8
 
 
-def test_serving_script_measures_every_path(tmp_path):
-    """benchmarks/serving.py --quick: each installed path stepped at B = 1 and 2, the table written."""
+@pytest.mark.parametrize("classic", [False, True], ids=["output_map", "classic"])
+def test_serving_script_measures_every_path(tmp_path, classic):
+    """benchmarks/serving.py --quick: each installed path stepped at B = 1 and 2, the table written; with
+    --classic, ONNX's own LSTM operator too."""
     cmd = [
         sys.executable,
         str(ROOT / "benchmarks" / "serving.py"),
@@ -276,16 +278,20 @@ def test_serving_script_measures_every_path(tmp_path):
         "1,2",
         "--out",
         str(tmp_path),
+        *(["--classic"] if classic else []),
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=fast_compile_env())
     assert out.returncode == 0, out.stderr[-2000:]
-    data = json.loads((tmp_path / "serving_quick.json").read_text())
+    name = "serving_quick" + ("_classic" if classic else "")
+    data = json.loads((tmp_path / f"{name}.json").read_text())
     expected = {"jaxlstm Stepper", "jax.export artifact"}
     for optional, module in (("onnxruntime", "jax2onnx"), ("PyTorch nn.LSTM", "torch")):
         if subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True).returncode == 0:
             expected.add(optional)
+    if classic and "onnxruntime" in expected:
+        expected.add("onnxruntime, LSTM operator")
     assert set(data["batches"]) == {"1", "2"}
     for rows in data["batches"].values():
         assert set(rows) == expected
         assert all(r["n"] == 10 and 0 < r["median_us"] <= r["p99_us"] for r in rows.values())
-    assert "| jaxlstm Stepper |" in (tmp_path / "serving_quick.md").read_text()
+    assert "| jaxlstm Stepper |" in (tmp_path / f"{name}.md").read_text()

@@ -30,6 +30,16 @@ def run(tmp_path_factory):
     return d / "run"
 
 
+@pytest.fixture(scope="module")
+def classic_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("export_classic")
+    text = d / "t.txt"
+    text.write_text("to be or not to be, that is the question. " * 40, encoding="utf-8")
+    with jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):  # as peer_promotion
+        assert main(["train", "--text", str(text), "--out", str(d / "run"), "--classic", *SMALL]) == 0
+    return d / "run"
+
+
 def _reference(run_dir, tokens, cell, hidden):
     """The model as JAX runs it, through the library's own loader (not the exported program)."""
     from jaxlstm.app.charlm import load
@@ -74,10 +84,16 @@ print(json.dumps({"vocab": vocab, "names": names}))
 """
 
 
-def test_onnx_runs_in_onnxruntime_without_jax(run, tmp_path, capsys):
-    pytest.importorskip("jax2onnx", reason="the export extra: pip install 'jaxlstm[export]'")
+@pytest.mark.parametrize("fmt", ["onnx", "onnx-lstm"])
+def test_onnx_runs_in_onnxruntime_without_jax(fmt, request, tmp_path, capsys):
+    """``onnx``: the output-map run through jax2onnx; ``onnx-lstm``: a classic-cell run as ONNX's LSTM operator."""
+    pytest.importorskip(
+        "jax2onnx" if fmt == "onnx" else "onnx", reason="the export extra: pip install 'jaxlstm[export]'"
+    )
+    run = request.getfixturevalue("run" if fmt == "onnx" else "classic_run")
+    capsys.readouterr()  # what training the run printed
     model_path = tmp_path / "model.onnx"
-    assert main(["export", "--checkpoint", str(run), "--out", str(model_path)]) == 0
+    assert main(["export", "--checkpoint", str(run), "--out", str(model_path), "--format", fmt]) == 0
     assert capsys.readouterr().out.strip() == f"wrote {model_path}"
     cfg = None
     for b, t in ((1, 1), (3, 9)):
@@ -131,6 +147,7 @@ def test_export_mistakes_are_one_line(run, tmp_path, capsys):
         (["--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "m.onnx")], "run folder not found"),
         (["--checkpoint", str(run), "--out", str(tmp_path)], "is a folder; give a file name"),
         (["--checkpoint", str(run), "--out", str(tmp_path / "no" / "m.onnx")], "does not exist"),
+        (["--checkpoint", str(run), "--out", str(tmp_path / "m.onnx"), "--format", "onnx-lstm"], "use --format onnx"),
     ):
         assert main(["export", *args]) == 2
         err = capsys.readouterr().err

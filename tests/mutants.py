@@ -207,6 +207,14 @@ MUTANTS = (
         ("tests/integration/test_shard_map_devices.py",),
     ),
     Mutant(
+        "onnx-lstm-gate-order",
+        "a classic-cell run exported as ONNX's LSTM operator computes what the model computes (gates i, o, f, c)",
+        "jaxlstm/app/export.py",
+        "    order = [2, 3, 0, 1]  # ONNX i, o, f, c = jaxlstm f2, f3, f1, i",
+        "    order = [0, 3, 2, 1]",
+        ("tests/test_onnx.py -k lstm_operator",),
+    ),
+    Mutant(
         "host-memory",
         "jaxlstm train keeps freed memory for the next step (no page faults of the working buffers every step)",
         "jaxlstm/_train/host_memory.py",

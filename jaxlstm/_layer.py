@@ -55,7 +55,8 @@ def prepare(
     check_unroll(unroll)
     num_steps, batch = sequence_shape(xs, time_major)
     if state is None:
-        state = _vma.explicit_like(zero_state(params, batch), xs, 1 if time_major else 0)
+        batch_axis = None if not batch else (1 if time_major else 0)  # an unbatched xs has none
+        state = _vma.explicit_like(zero_state(params, batch), xs, batch_axis)
     else:
         state = check_state(
             state, batch, params.hidden_size, state_dtype(params.dtype), params.dtype, params.output_size

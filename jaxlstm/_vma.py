@@ -77,14 +77,15 @@ def _explicit_spec(leaf: Any) -> Any:
     return spec
 
 
-def explicit_like(state: Any, xs: Any, batch_axis: int) -> Any:
+def explicit_like(state: Any, xs: Any, batch_axis: int | None) -> Any:
     """Zeros made for a carry, sharded over ``xs``'s batch axis where ``xs`` is (on a mesh with Explicit axes).
 
     Under explicit sharding an array's sharding is part of its type: a zero state made without one
-    is replicated, and mixing it with a batch split over devices is a type error. Elsewhere an identity.
+    is replicated, and mixing it with a batch split over devices is a type error. Elsewhere (and for an
+    unbatched ``xs``, ``batch_axis=None``) an identity.
     """
     spec = _explicit_spec(xs)
-    if spec is None:
+    if spec is None or batch_axis is None:
         return state
     batch = spec[batch_axis] if batch_axis < len(spec) else None
     return jax.tree.map(

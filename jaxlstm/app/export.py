@@ -69,7 +69,7 @@ def export_stablehlo(model, params, vocab: str, out: pathlib.Path) -> list[pathl
 def export_onnx(model, params, vocab: str, out: pathlib.Path) -> list[pathlib.Path]:
     """The ONNX model at ``out`` (dynamic batch and time), the vocabulary in its ``metadata_props``."""
     try:
-        import onnx
+        import onnx  # noqa: F401 - written by _write_onnx; missing, it is named here
         from jax2onnx import to_onnx
     except ImportError as e:
         raise RunError(
@@ -89,12 +89,7 @@ def export_onnx(model, params, vocab: str, out: pathlib.Path) -> list[pathlib.Pa
             input_names=list(INPUTS),
             output_names=list(OUTPUTS),
         )
-    for key, value in _interface(model, vocab).items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
-    onnx.checker.check_model(proto)
-    _write(out, proto.SerializeToString())
-    return [out]
+    return _write_onnx(proto, model, vocab, out)
 
 
 def lstm_operator_weights(layer: dict) -> tuple:
@@ -132,7 +127,6 @@ def export_onnx_lstm(model, params, vocab: str, out: pathlib.Path) -> list[pathl
         )
     try:
         import numpy as np
-        import onnx
         from onnx import TensorProto, helper, numpy_helper
     except ImportError as e:
         raise RunError(f"exporting to ONNX needs onnx ({e.name} is missing): pip install 'jaxlstm[export]'.") from None
@@ -186,6 +180,13 @@ def export_onnx_lstm(model, params, vocab: str, out: pathlib.Path) -> list[pathl
     )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="jaxlstm")
     proto.ir_version = 8  # what onnxruntimes from 1.14 on read
+    return _write_onnx(proto, model, vocab, out)
+
+
+def _write_onnx(proto, model, vocab: str, out: pathlib.Path) -> list[pathlib.Path]:
+    """``proto`` with the interface and vocabulary in its ``metadata_props``, checked, written whole to ``out``."""
+    import onnx
+
     for key, value in _interface(model, vocab).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)

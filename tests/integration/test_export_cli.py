@@ -20,24 +20,23 @@ SMALL = ["--seq-len", "16", "--batch-size", "4", "--hidden-size", "16", "--embed
 SMALL += ["--eval-every", "3", "--save-every", "3", "--no-progress", "--steps", "3"]
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    d = tmp_path_factory.mktemp("export")
+def _trained(tmp_path_factory, name: str, *extra: str):
+    d = tmp_path_factory.mktemp(name)
     text = d / "t.txt"
     text.write_text("to be or not to be, that is the question. " * 40, encoding="utf-8")
     with jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):  # as peer_promotion
-        assert main(["train", "--text", str(text), "--out", str(d / "run"), *SMALL]) == 0
+        assert main(["train", "--text", str(text), "--out", str(d / "run"), *extra, *SMALL]) == 0
     return d / "run"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return _trained(tmp_path_factory, "export")
 
 
 @pytest.fixture(scope="module")
 def classic_run(tmp_path_factory):
-    d = tmp_path_factory.mktemp("export_classic")
-    text = d / "t.txt"
-    text.write_text("to be or not to be, that is the question. " * 40, encoding="utf-8")
-    with jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):  # as peer_promotion
-        assert main(["train", "--text", str(text), "--out", str(d / "run"), "--classic", *SMALL]) == 0
-    return d / "run"
+    return _trained(tmp_path_factory, "export_classic", "--classic")
 
 
 def _reference(run_dir, tokens, cell, hidden):
